@@ -1,0 +1,302 @@
+//! The command line: one clap-derived struct per subcommand, with the seed's exact flag spellings
+//! (`--index_dir`) and kebab-case aliases (`--index-dir`). Shared flags are flattened structs.
+//! Nothing here loads a model: parsing and validation only.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// REFRAG-style retrieval-augmented generation: compress, sense/select, expand.
+#[derive(Debug, Parser)]
+#[command(name = "refrag", version = crate::VERSION_LONG, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Embed a corpus (one passage per line) and build the FAISS + BM25 index.
+    Index(IndexArgs),
+    /// Retrieve passages for a question and print them with scores as JSON.
+    Search(SearchArgs),
+    /// Answer a question: retrieve, compress, select, expand, decode.
+    Generate(GenerateArgs),
+    /// Continual pretraining, phase A: reconstruct tokens from chunk embeddings (decoder frozen).
+    #[command(name = "cpt_recon", alias = "cpt-recon")]
+    CptRecon(CptArgs),
+    /// Continual pretraining, phase B: predict the next paragraph from a compressed context.
+    #[command(name = "cpt_next", alias = "cpt-next")]
+    CptNext(CptArgs),
+    /// Supervised fine-tuning on question/answer pairs with compressed retrieved context.
+    Sft(TrainPolicyArgs),
+    /// Train the selective-expansion policy with REINFORCE.
+    #[command(name = "train_policy", alias = "train-policy")]
+    TrainPolicy(TrainPolicyArgs),
+    /// Write the synthetic data set (corpora, QA pairs, CPT items) deterministically.
+    #[command(name = "make_corpus", alias = "make-corpus")]
+    MakeCorpus(MakeCorpusArgs),
+}
+
+/// Where to run: `auto` picks CUDA, then Metal, then the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum DeviceArg {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+/// Which ranking `search`, `generate` and the trainers retrieve with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetrievalMode {
+    Dense,
+    Lexical,
+    /// Reciprocal-rank fusion of the dense and lexical rankings.
+    #[default]
+    Hybrid,
+}
+
+/// Which chunks to expand back to tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SelectMode {
+    None,
+    All,
+    Random,
+    Heuristic,
+    Policy,
+}
+
+/// Flags every command that runs a model shares.
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// Device to run on (auto = CUDA, then Metal, then CPU).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Random seed (sampling, random selection, training).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Hide progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Accepted for compatibility with the seed's Python CLI; has no effect (there is no
+    /// torch.compile in a Rust binary).
+    #[arg(long = "torch_compile", alias = "torch-compile")]
+    pub torch_compile: bool,
+}
+
+/// The retrieval embedding model.
+#[derive(Debug, Clone, Args)]
+pub struct EmbedModelArg {
+    /// Retrieval embedding model: local HF folder or hub id
+    /// [default: models/all-MiniLM-L6-v2 if present, else sentence-transformers/all-MiniLM-L6-v2].
+    #[arg(long = "embed_model", alias = "embed-model")]
+    pub embed_model: Option<String>,
+}
+
+/// The chunk encoder and the decoder.
+#[derive(Debug, Clone, Args)]
+pub struct EncDecArgs {
+    /// Chunk encoder (BERT family): local HF folder or hub id
+    /// [default: models/all-MiniLM-L6-v2 if present, else sentence-transformers/all-MiniLM-L6-v2].
+    #[arg(long)]
+    pub enc: Option<String>,
+    /// Decoder LLM: local HF folder, .gguf file, or hub id
+    /// [default: models/SmolLM2-135M-Instruct.Q4_1.gguf if present, else HuggingFaceTB/SmolLM2-135M-Instruct].
+    #[arg(long)]
+    pub dec: Option<String>,
+}
+
+/// Retrieval flags.
+#[derive(Debug, Clone, Args)]
+pub struct RetrieveArgs {
+    /// Index directory written by `refrag index`.
+    #[arg(long = "index_dir", alias = "index-dir")]
+    pub index_dir: PathBuf,
+    /// Number of passages to retrieve.
+    #[arg(long, default_value_t = 8)]
+    pub topk: usize,
+    /// Ranking to retrieve with.
+    #[arg(long, value_enum, default_value_t = RetrievalMode::Hybrid)]
+    pub retrieval: RetrievalMode,
+}
+
+/// Compression and selection flags.
+#[derive(Debug, Clone, Args)]
+pub struct CompressArgs {
+    /// Decoder tokens per chunk.
+    #[arg(long, default_value_t = 16)]
+    pub k: usize,
+    /// Fraction of chunks expanded back to full tokens (0 = all compressed, 1 = full context).
+    #[arg(long, default_value_t = 0.25)]
+    pub p: f64,
+    /// Cap on context tokens (decoder tokens of retrieved passages) before compression.
+    #[arg(long = "ctx_max", alias = "ctx-max", default_value_t = 2048)]
+    pub ctx_max: usize,
+    /// Use the perplexity heuristic instead of the trained policy (same as --select heuristic).
+    #[arg(long)]
+    pub heuristic: bool,
+    /// Selection rule; default: the policy when --load_dir holds one, else the heuristic.
+    #[arg(long, value_enum)]
+    pub select: Option<SelectMode>,
+    /// Directory with trained weights (encoder, projector, policy, decoder) and its config.json.
+    #[arg(long = "load_dir", alias = "load-dir")]
+    pub load_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct IndexArgs {
+    /// Text file, one passage per line.
+    #[arg(long)]
+    pub corpus: PathBuf,
+    /// Output directory (written atomically: a temporary directory renamed at the end).
+    #[arg(long = "index_dir", alias = "index-dir")]
+    pub index_dir: PathBuf,
+    #[command(flatten)]
+    pub embed: EmbedModelArg,
+    /// FAISS index factory string (inner product), e.g. Flat, IVF64,Flat, HNSW32, IVF64,PQ16.
+    #[arg(long = "index_type", alias = "index-type", default_value = "Flat")]
+    pub index_type: String,
+    /// Passages embedded per batch.
+    #[arg(long = "batch_size", alias = "batch-size", default_value_t = 64)]
+    pub batch_size: usize,
+    /// Chunk encoder whose chunk vectors are cached beside the index (needs --dec and --k too).
+    #[arg(long)]
+    pub enc: Option<String>,
+    /// Decoder whose tokenizer chunks the passages for the chunk cache.
+    #[arg(long)]
+    pub dec: Option<String>,
+    /// Decoder tokens per chunk for the chunk cache.
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// Replace an existing index directory.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    pub retrieve: RetrieveArgs,
+    /// The query.
+    #[arg(long)]
+    pub question: String,
+    #[command(flatten)]
+    pub embed: EmbedModelArg,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub retrieve: RetrieveArgs,
+    /// The question to answer.
+    #[arg(long)]
+    pub question: String,
+    #[command(flatten)]
+    pub embed: EmbedModelArg,
+    #[command(flatten)]
+    pub models: EncDecArgs,
+    #[command(flatten)]
+    pub compress: CompressArgs,
+    /// Maximum new tokens to generate.
+    #[arg(long = "max_new", alias = "max-new", default_value_t = 64)]
+    pub max_new: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling threshold.
+    #[arg(long = "top_p", alias = "top-p", default_value_t = 0.9)]
+    pub top_p: f64,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// Flags of the training commands.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-5)]
+    pub lr: f64,
+    /// Log every N steps.
+    #[arg(long = "log_every", alias = "log-every", default_value_t = 20)]
+    pub log_every: usize,
+    /// Output directory for checkpoints, config.json and the training log.
+    #[arg(long = "out_dir", alias = "out-dir")]
+    pub out_dir: Option<PathBuf>,
+    /// Continue from the last checkpoint in --out_dir.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CptArgs {
+    /// JSONL of long items with `tokens` (text) and `split` ({"s": .., "o": ..}).
+    #[arg(long = "train_json", alias = "train-json")]
+    pub train_json: PathBuf,
+    #[command(flatten)]
+    pub models: EncDecArgs,
+    /// Decoder tokens per chunk.
+    #[arg(long, default_value_t = 16)]
+    pub k: usize,
+    /// Fraction of chunks left expanded during next-paragraph training (cpt_next).
+    #[arg(long = "expand_frac", alias = "expand-frac", default_value_t = 0.25)]
+    pub expand_frac: f64,
+    /// Weights to start from (cpt_next: the cpt_recon output).
+    #[arg(long = "load_dir", alias = "load-dir")]
+    pub load_dir: Option<PathBuf>,
+    /// Keep the decoder frozen in cpt_next.
+    #[arg(long = "freeze_dec", alias = "freeze-dec")]
+    pub freeze_dec: bool,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainPolicyArgs {
+    /// JSONL of question/answer pairs (`question`, `answers`).
+    #[arg(long = "rag_json", alias = "rag-json")]
+    pub rag_json: PathBuf,
+    #[command(flatten)]
+    pub retrieve: RetrieveArgs,
+    #[command(flatten)]
+    pub embed: EmbedModelArg,
+    #[command(flatten)]
+    pub models: EncDecArgs,
+    #[command(flatten)]
+    pub compress: CompressArgs,
+    /// Hidden width of the policy network.
+    #[arg(long = "policy_hidden", alias = "policy-hidden", default_value_t = 256)]
+    pub policy_hidden: usize,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MakeCorpusArgs {
+    /// Output directory for the data set.
+    #[arg(long = "out_dir", alias = "out-dir")]
+    pub out_dir: PathBuf,
+    /// Generator seed (the committed data/ uses the default).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write corpus_mega.txt with N passages (10,000+).
+    #[arg(long)]
+    pub mega: Option<usize>,
+    /// Allow writing into an existing directory that already holds data files.
+    #[arg(long)]
+    pub force: bool,
+}

@@ -1,0 +1,1 @@
+//! The synthetic data set generator behind `refrag make_corpus`.

@@ -1,0 +1,1 @@
+//! The on-disk index: FAISS vectors, passages, manifest; built atomically.

@@ -1,0 +1,141 @@
+//! Reading and writing the project's files: corpora (one passage per line), JSONL with errors that
+//! name the file and line, and atomic writes (temporary file, then rename) so that an interrupted
+//! run never leaves a half-written output behind.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Read a text file as UTF-8, naming the file and the line of the first invalid byte.
+pub fn read_utf8(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    match String::from_utf8(bytes) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            let at = e.utf8_error().valid_up_to();
+            let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+            bail!("{}:{line}: invalid UTF-8", path.display())
+        }
+    }
+}
+
+/// Read a corpus: one passage per line. A final newline is fine; a blank line, an empty file or
+/// invalid UTF-8 is an error naming the file (and line).
+pub fn read_corpus(path: &Path) -> Result<Vec<String>> {
+    let text = read_utf8(path)?;
+    let mut passages = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            bail!(
+                "{}:{}: blank line (a corpus holds one passage per line; remove blank lines)",
+                path.display(),
+                i + 1
+            );
+        }
+        passages.push(line.to_string());
+    }
+    if passages.is_empty() {
+        bail!("{}: empty corpus (no passages)", path.display());
+    }
+    Ok(passages)
+}
+
+/// Read a JSONL file into typed records; a malformed line is an error naming file and line.
+/// Blank lines are skipped. An empty file is an error.
+pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text = read_utf8(path)?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: malformed JSONL line", path.display(), i + 1))?;
+        rows.push(row);
+    }
+    if rows.is_empty() {
+        bail!("{}: no records", path.display());
+    }
+    Ok(rows)
+}
+
+/// Write `bytes` to `path` atomically: a temporary file in the same directory, then a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Serialize records as JSONL (one compact object per line).
+pub fn to_jsonl<T: Serialize>(rows: &[T]) -> Result<String> {
+    let mut out = String::new();
+    for row in rows {
+        out.push_str(&serde_json::to_string(row)?);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// Write a pretty JSON file atomically.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(value)?;
+    s.push('\n');
+    write_atomic(path, s.as_bytes())
+}
+
+/// Read a JSON file into a typed value, naming the file on error.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = read_utf8(path)?;
+    serde_json::from_str(&text).with_context(|| format!("{}: malformed JSON", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corpus_errors_name_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.txt");
+        std::fs::write(&p, "a\n\nb\n").unwrap();
+        let e = format!("{:#}", read_corpus(&p).unwrap_err());
+        assert!(e.contains("c.txt:2: blank line"), "{e}");
+        std::fs::write(&p, "").unwrap();
+        assert!(format!("{:#}", read_corpus(&p).unwrap_err()).contains("empty corpus"));
+        std::fs::write(&p, b"ok\n\xff\n").unwrap();
+        assert!(format!("{:#}", read_corpus(&p).unwrap_err()).contains("c.txt:2: invalid UTF-8"));
+        std::fs::write(&p, "one\r\ntwo").unwrap();
+        assert_eq!(read_corpus(&p).unwrap(), vec!["one", "two"]);
+    }
+
+    #[test]
+    fn jsonl_error_names_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("q.jsonl");
+        std::fs::write(&p, "{\"a\":1}\n{\"a\":\n").unwrap();
+        let e = format!("{:#}", read_jsonl::<serde_json::Value>(&p).unwrap_err());
+        assert!(e.contains("q.jsonl:2: malformed JSONL line"), "{e}");
+    }
+
+    #[test]
+    fn atomic_write_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.json");
+        write_atomic(&p, b"1").unwrap();
+        write_atomic(&p, b"2").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"2");
+    }
+}

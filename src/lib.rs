@@ -1,0 +1,25 @@
+//! refrag: REFRAG-style retrieval-augmented generation in one binary.
+//!
+//! The modules follow the pipeline: `corpus` (data in and out, the synthetic generator),
+//! `embed` (retrieval embeddings), `index` and `retrieve` (FAISS + BM25, fused), then the
+//! compression stages, and `commands` (one function per subcommand).
+
+pub mod cli;
+pub mod commands;
+pub mod corpus;
+pub mod decoder;
+pub mod device;
+pub mod embed;
+pub mod hub;
+pub mod index;
+pub mod jsonio;
+pub mod retrieve;
+pub mod testing;
+
+/// Version plus the compiled cargo features, for `refrag --version`.
+pub const VERSION_LONG: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (features: ",
+    env!("REFRAG_FEATURES"),
+    ")"
+);

@@ -1,0 +1,1 @@
+//! A tiny random BERT (safetensors + config + WordPiece tokenizer) written to a folder.
