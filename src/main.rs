@@ -1,12 +1,31 @@
 //! The `refrag` binary: parse the command line, dispatch to one function per subcommand, and turn
-//! an error into one line on stderr and a non-zero exit status.
+//! an error into one line on stderr and a non-zero exit status (2 for a usage error, 1 otherwise).
 
+use clap::error::ErrorKind;
 use clap::Parser;
 
 fn main() {
-    let cli = refrag::cli::Cli::parse();
+    let cli = match refrag::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            _ => {
+                eprintln!("refrag: {} (see 'refrag --help')", first_line(&e));
+                std::process::exit(2);
+            }
+        },
+    };
     if let Err(err) = refrag::commands::run(cli.command) {
         eprintln!("refrag: {err:#}");
         std::process::exit(1);
     }
+}
+
+/// The first line of clap's message, without its "error: " prefix.
+fn first_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let line = text.lines().next().unwrap_or("invalid command line");
+    line.trim_start_matches("error: ").to_string()
 }
