@@ -13,7 +13,11 @@ pub mod embed;
 pub mod hub;
 pub mod index;
 pub mod jsonio;
+pub mod projector;
+pub mod prompt;
 pub mod retrieve;
+pub mod sample;
+pub mod select;
 pub mod testing;
 
 /// Version plus the compiled cargo features, for `refrag --version`.

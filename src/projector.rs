@@ -1,0 +1,133 @@
+//! The projector `phi`: a 2-layer MLP (Linear, GELU, Linear) from the chunk encoder's width to the
+//! decoder's token-embedding width. A fresh projector is initialised from a seeded generator (same
+//! seed, same weights) with its output scaled to the spread of the decoder's token embeddings, so
+//! even an untrained projector feeds the decoder vectors of a plausible size.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{Linear, Module, VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Projector shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProjectorConfig {
+    pub in_dim: usize,
+    pub hidden: usize,
+    pub out_dim: usize,
+}
+
+/// `phi: R^in -> R^out`.
+#[derive(Debug, Clone)]
+pub struct Projector {
+    l1: Linear,
+    l2: Linear,
+}
+
+impl Projector {
+    /// Build from variables named `fc1.{weight,bias}` and `fc2.{weight,bias}`.
+    pub fn new(cfg: &ProjectorConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            l1: candle_nn::linear(cfg.in_dim, cfg.hidden, vb.pp("fc1"))?,
+            l2: candle_nn::linear(cfg.hidden, cfg.out_dim, vb.pp("fc2"))?,
+        })
+    }
+
+    /// Put seeded initial weights for `cfg` into `varmap` (under `prefix`), the output layer
+    /// scaled so projected vectors have about `out_std` per coordinate.
+    pub fn init_vars(
+        varmap: &VarMap,
+        prefix: &str,
+        cfg: &ProjectorConfig,
+        out_std: f64,
+        seed: u64,
+        device: &Device,
+    ) -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut data = varmap.data().lock().unwrap();
+        let mut put = |name: &str, t: Tensor| -> Result<()> {
+            data.insert(
+                format!("{prefix}{name}"),
+                candle_core::Var::from_tensor(&t)?,
+            );
+            Ok(())
+        };
+        // Kaiming-uniform for the first layer; the second scaled so that its output has out_std.
+        let b1 = (1.0 / cfg.in_dim as f64).sqrt() * 3f64.sqrt();
+        put(
+            "fc1.weight",
+            uniform(&mut rng, (cfg.hidden, cfg.in_dim), b1, device)?,
+        )?;
+        put("fc1.bias", Tensor::zeros(cfg.hidden, DType::F32, device)?)?;
+        let b2 = out_std * (3.0 / cfg.hidden as f64).sqrt() * 2.0;
+        put(
+            "fc2.weight",
+            uniform(&mut rng, (cfg.out_dim, cfg.hidden), b2, device)?,
+        )?;
+        put("fc2.bias", Tensor::zeros(cfg.out_dim, DType::F32, device)?)?;
+        Ok(())
+    }
+}
+
+impl Module for Projector {
+    /// `(.., in) -> (.., out)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.l2.forward(&self.l1.forward(x)?.gelu()?)
+    }
+}
+
+/// A tensor of uniform values in `[-bound, bound]` from `rng`.
+pub fn uniform(
+    rng: &mut ChaCha8Rng,
+    shape: (usize, usize),
+    bound: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    let n = shape.0 * shape.1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| rng.random_range(-bound..=bound) as f32)
+        .collect();
+    Tensor::from_vec(v, shape, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(seed: u64) -> Projector {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let cfg = ProjectorConfig {
+            in_dim: 8,
+            hidden: 16,
+            out_dim: 4,
+        };
+        Projector::init_vars(&vm, "", &cfg, 0.5, seed, &dev).unwrap();
+        Projector::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap()
+    }
+
+    #[test]
+    fn same_seed_same_projection_with_the_asked_spread() {
+        let x = Tensor::randn(0f32, 1.0, (256, 8), &Device::Cpu).unwrap();
+        let a = build(1).forward(&x).unwrap();
+        let b = build(1).forward(&x).unwrap();
+        let d: f32 = (&a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(d, 0.0);
+        let std: f32 = a
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(std > 0.1 && std < 2.0, "std {std}");
+    }
+}

@@ -1,0 +1,113 @@
+//! Choosing which chunks to expand back to tokens: `round(p * L)` of the `L` chunks, by the
+//! trained policy's scores, by the perplexity heuristic (the chunks the decoder finds hardest),
+//! at random, or none / all for ablations.
+
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::cli::SelectMode;
+
+/// How many of `chunks` chunks `p` expands: `round(p * chunks)`, within `0..=chunks`.
+pub fn num_expand(p: f64, chunks: usize) -> usize {
+    ((p.clamp(0.0, 1.0) * chunks as f64).round() as usize).min(chunks)
+}
+
+/// Expand the `n` chunks with the highest scores (ties go to the earlier chunk).
+pub fn top_n(scores: &[f32], n: usize) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let mut mask = vec![false; scores.len()];
+    for &i in order.iter().take(n) {
+        mask[i] = true;
+    }
+    mask
+}
+
+/// Expand `n` of `chunks` chunks chosen uniformly at random with `seed`.
+pub fn random_n(chunks: usize, n: usize, seed: u64) -> Vec<bool> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut mask = vec![false; chunks];
+    for i in sample(&mut rng, chunks, n.min(chunks)) {
+        mask[i] = true;
+    }
+    mask
+}
+
+/// The selection rule actually used, from `--select`, `--heuristic` and whether a trained policy
+/// is available: an explicit `--select` wins, then `--heuristic`, then the policy when present,
+/// else the heuristic.
+pub fn resolve_mode(select: Option<SelectMode>, heuristic: bool, have_policy: bool) -> SelectMode {
+    match (select, heuristic, have_policy) {
+        (Some(m), _, _) => m,
+        (None, true, _) => SelectMode::Heuristic,
+        (None, false, true) => SelectMode::Policy,
+        (None, false, false) => SelectMode::Heuristic,
+    }
+}
+
+/// The expansion mask for `mode`, given per-chunk scores where the mode needs them (heuristic:
+/// perplexities; policy: the policy's scores).
+pub fn expansion_mask(
+    mode: SelectMode,
+    p: f64,
+    scores: Option<&[f32]>,
+    chunks: usize,
+    seed: u64,
+) -> Vec<bool> {
+    match mode {
+        SelectMode::None => vec![false; chunks],
+        SelectMode::All => vec![true; chunks],
+        SelectMode::Random => random_n(chunks, num_expand(p, chunks), seed),
+        SelectMode::Heuristic | SelectMode::Policy => {
+            let scores = scores.expect("heuristic and policy selection need scores");
+            top_n(scores, num_expand(p, chunks))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_round() {
+        assert_eq!(num_expand(0.25, 10), 3);
+        assert_eq!(num_expand(0.0, 10), 0);
+        assert_eq!(num_expand(1.0, 7), 7);
+        assert_eq!(num_expand(1.5, 7), 7);
+    }
+
+    #[test]
+    fn top_n_takes_highest() {
+        assert_eq!(
+            top_n(&[0.1, 0.9, 0.5, 0.9], 2),
+            vec![false, true, false, true]
+        );
+    }
+
+    #[test]
+    fn random_is_seeded() {
+        let a = random_n(20, 5, 3);
+        assert_eq!(a.iter().filter(|&&x| x).count(), 5);
+        assert_eq!(a, random_n(20, 5, 3));
+        assert_ne!(a, random_n(20, 5, 4));
+    }
+
+    #[test]
+    fn p_one_expands_everything() {
+        let m = expansion_mask(SelectMode::Heuristic, 1.0, Some(&[0.0; 6]), 6, 0);
+        assert!(m.iter().all(|&x| x));
+    }
+
+    #[test]
+    fn explicit_select_wins() {
+        assert_eq!(
+            resolve_mode(Some(SelectMode::Random), true, true),
+            SelectMode::Random
+        );
+        assert_eq!(resolve_mode(None, true, true), SelectMode::Heuristic);
+        assert_eq!(resolve_mode(None, false, true), SelectMode::Policy);
+        assert_eq!(resolve_mode(None, false, false), SelectMode::Heuristic);
+    }
+}
