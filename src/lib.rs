@@ -4,6 +4,7 @@
 //! `embed` (retrieval embeddings), `index` and `retrieve` (FAISS + BM25, fused), then the
 //! compression stages, and `commands` (one function per subcommand).
 
+pub mod checkpoint;
 pub mod cli;
 pub mod commands;
 pub mod corpus;
@@ -13,6 +14,7 @@ pub mod embed;
 pub mod hub;
 pub mod index;
 pub mod jsonio;
+pub mod policy;
 pub mod projector;
 pub mod prompt;
 pub mod retrieve;

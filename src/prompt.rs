@@ -60,17 +60,25 @@ pub fn chunk_tokens(tokens: &[u32], k: usize) -> Vec<Vec<u32>> {
     tokens.chunks(k.max(1)).map(<[u32]>::to_vec).collect()
 }
 
-/// Keep passages, in order, until `ctx_max` context tokens are used; the last one kept may be cut.
-pub fn cap_context(passages: &[Vec<u32>], ctx_max: usize) -> Vec<Vec<u32>> {
+/// Keep whole chunks, passage by passage in retrieval order, while their tokens fit in
+/// `ctx_max`; passages left with no chunk are dropped. Capping at chunk boundaries keeps every
+/// kept chunk identical to the one cached at index time.
+pub fn cap_chunks(passage_chunks: &[Vec<Vec<u32>>], ctx_max: usize) -> Vec<Vec<Vec<u32>>> {
     let mut left = ctx_max;
     let mut out = Vec::new();
-    for p in passages {
-        if left == 0 {
-            break;
+    'passages: for pc in passage_chunks {
+        let mut kept = Vec::new();
+        for c in pc {
+            if c.len() > left {
+                if !kept.is_empty() {
+                    out.push(kept);
+                }
+                break 'passages;
+            }
+            left -= c.len();
+            kept.push(c.clone());
         }
-        let take = p.len().min(left);
-        out.push(p[..take].to_vec());
-        left -= take;
+        out.push(kept);
     }
     out
 }
@@ -125,17 +133,18 @@ impl PromptLayout {
     fn ids_and_rows(&self, expand: &[bool]) -> (Vec<u32>, Vec<Row>) {
         let mut ids = Vec::new();
         let mut rows = Vec::new();
-        let mut push = |ids: &mut Vec<u32>, t: &[u32]| {
-            for &id in t {
+        for s in &self.segments {
+            let tokens: &[u32] = match s {
+                Segment::Tokens(t) => t,
+                Segment::Chunk(i) if expand[*i] => &self.chunks[*i].tokens,
+                Segment::Chunk(i) => {
+                    rows.push(Row::Chunk(*i));
+                    continue;
+                }
+            };
+            for &id in tokens {
                 rows.push(Row::Token(ids.len()));
                 ids.push(id);
-            }
-        };
-        for s in &self.segments {
-            match s {
-                Segment::Tokens(t) => push(&mut ids, t),
-                Segment::Chunk(i) if expand[*i] => push(&mut ids, &self.chunks[*i].tokens),
-                Segment::Chunk(i) => rows.push(Row::Chunk(*i)),
             }
         }
         (ids, rows)
@@ -214,9 +223,11 @@ mod tests {
     }
 
     #[test]
-    fn cap_cuts_the_last_passage() {
-        let c = cap_context(&[vec![1, 2, 3], vec![4, 5, 6], vec![7]], 5);
-        assert_eq!(c, vec![vec![1, 2, 3], vec![4, 5]]);
+    fn cap_keeps_whole_chunks() {
+        let p = |t: &[u32]| chunk_tokens(t, 2);
+        let c = cap_chunks(&[p(&[1, 2, 3]), p(&[4, 5, 6]), p(&[7])], 5);
+        assert_eq!(c, vec![vec![vec![1, 2], vec![3]], vec![vec![4, 5]]]);
+        assert_eq!(cap_chunks(&[p(&[1, 2, 3])], 1), Vec::<Vec<Vec<u32>>>::new());
     }
 
     #[test]

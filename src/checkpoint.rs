@@ -1,0 +1,160 @@
+//! A weights directory (`--load_dir`, `--out_dir`): `config.json` saying what it holds, and one
+//! safetensors file per trained part (`encoder`, `projector`, `policy`, and `decoder` only when the
+//! decoder was trained). Loading checks names and shapes and fails on any mismatch: weights are
+//! never silently skipped.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::projector::ProjectorConfig;
+
+/// Version of the checkpoint layout.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// `config.json` of a weights directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefragConfig {
+    pub format_version: u32,
+    pub refrag_version: String,
+    /// Which command wrote it (`cpt_recon`, `cpt_next`, `sft`, `train_policy`).
+    pub stage: String,
+    /// Encoder model argument (HF folder or hub id) the encoder weights started from.
+    pub encoder_model: String,
+    /// `cls` or `mean`.
+    pub encoder_pooling: String,
+    /// Decoder model argument.
+    pub decoder_model: String,
+    /// Decoder tokens per chunk the weights were trained with.
+    pub k: usize,
+    pub projector: ProjectorConfig,
+    /// Policy hidden width, when a policy is stored.
+    pub policy_hidden: Option<usize>,
+    /// Which parts have a safetensors file here.
+    pub parts: Vec<String>,
+    /// Optimiser steps done.
+    pub step: usize,
+}
+
+impl RefragConfig {
+    /// Read `dir/config.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        if !path.is_file() {
+            bail!(
+                "--load_dir {}: no config.json (not a refrag weights directory)",
+                dir.display()
+            );
+        }
+        let cfg: Self = crate::jsonio::read_json(&path)?;
+        if cfg.format_version != FORMAT_VERSION {
+            bail!(
+                "{}: checkpoint format {} (this refrag reads {FORMAT_VERSION})",
+                path.display(),
+                cfg.format_version
+            );
+        }
+        Ok(cfg)
+    }
+
+    /// Whether `part` has weights here.
+    pub fn has(&self, part: &str) -> bool {
+        self.parts.iter().any(|p| p == part)
+    }
+}
+
+/// Path of a part's weights file.
+pub fn part_path(dir: &Path, part: &str) -> PathBuf {
+    dir.join(format!("{part}.safetensors"))
+}
+
+/// Save every variable of `varmap` to `path` atomically.
+pub fn save_varmap(varmap: &VarMap, path: &Path) -> Result<()> {
+    let data = varmap.data().lock().unwrap();
+    let tensors: HashMap<String, Tensor> = data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    drop(data);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .suffix(".safetensors")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    candle_core::safetensors::save(&tensors, tmp.path())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Load `path` into `varmap`, whose variables must all be present with the same shapes; a file
+/// with extra or missing tensors, or other shapes, is an error naming the tensor.
+pub fn load_varmap_strict(varmap: &VarMap, path: &Path, device: &Device) -> Result<()> {
+    let file = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let data = varmap.data().lock().unwrap();
+    for name in file.keys() {
+        if !data.contains_key(name) {
+            bail!(
+                "{}: unexpected tensor '{name}' (checkpoint from another model?)",
+                path.display()
+            );
+        }
+    }
+    for (name, var) in data.iter() {
+        let Some(t) = file.get(name) else {
+            bail!("{}: missing tensor '{name}'", path.display());
+        };
+        if t.dims() != var.dims() {
+            bail!(
+                "{}: tensor '{name}' has shape {:?}, the model expects {:?} (checkpoint from another model or k?)",
+                path.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+    use candle_nn::Init;
+
+    fn varmap(shape: (usize, usize)) -> VarMap {
+        let vm = VarMap::new();
+        vm.get(shape, "w", Init::Const(1.0), DType::F32, &Device::Cpu)
+            .unwrap();
+        vm
+    }
+
+    #[test]
+    fn round_trip_and_shape_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("projector.safetensors");
+        save_varmap(&varmap((2, 3)), &p).unwrap();
+        load_varmap_strict(&varmap((2, 3)), &p, &Device::Cpu).unwrap();
+        let e = format!(
+            "{:#}",
+            load_varmap_strict(&varmap((3, 3)), &p, &Device::Cpu).unwrap_err()
+        );
+        assert!(e.contains("tensor 'w' has shape [2, 3]"), "{e}");
+        let other = VarMap::new();
+        other
+            .get((2, 3), "v", Init::Const(0.0), DType::F32, &Device::Cpu)
+            .unwrap();
+        let e = format!(
+            "{:#}",
+            load_varmap_strict(&other, &p, &Device::Cpu).unwrap_err()
+        );
+        assert!(e.contains("unexpected tensor 'w'"), "{e}");
+    }
+}
