@@ -1,0 +1,388 @@
+//! The Llama-family transformer itself: embeddings in, logits out, with a KV cache and a causal
+//! mask. Parameter names follow Hugging Face (`model.embed_tokens`, `model.layers.N.self_attn.
+//! q_proj`, ..., `lm_head`), so the same code loads safetensors, dequantized GGUF tensors
+//! (renamed and un-permuted in `gguf.rs`), or a `VarMap` for training.
+//!
+//! Two numerically identical paths: the fused candle kernels (rotary, softmax, RMS norm) for
+//! inference, and the same maths in plain tensor ops when gradients are needed, because the fused
+//! kernels do not back-propagate. The slow path is chosen automatically when the input tracks
+//! gradients or the weights are trainable variables.
+
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
+use candle_nn::{linear_b, Embedding, Init, Linear, VarBuilder};
+
+use super::cache::KvCache;
+use super::config::DecoderConfig;
+
+/// Which positions to return logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position: `(b, t, vocab)` (training, scoring).
+    All,
+    /// Only the last position: `(b, vocab)` (generation).
+    Last,
+}
+
+/// RMS norm with its weight kept at hand so either path can use it.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(size, "weight", Init::Const(1.0))?;
+        Ok(RmsNorm {
+            weight,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        if grad {
+            candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)
+        } else {
+            candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+        }
+    }
+}
+
+/// What every layer needs for one forward call.
+struct Step<'a> {
+    /// Rotary tables for the positions of this call, `(t, head_dim / 2)` each.
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    /// Additive causal mask `(t, past + t)` in `softmax_dtype`, `None` for a single position.
+    mask: Option<&'a Tensor>,
+    /// Use plain (differentiable) tensor ops instead of the fused kernels.
+    grad: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_head: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nq, nkv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let bias = cfg.attention_bias;
+        Ok(Attention {
+            q_proj: linear_b(d, nq, bias, vb.pp("q_proj"))?,
+            k_proj: linear_b(d, nkv, bias, vb.pp("k_proj"))?,
+            v_proj: linear_b(d, nkv, bias, vb.pp("v_proj"))?,
+            o_proj: linear_b(nq, d, cfg.o_proj_bias, vb.pp("o_proj"))?,
+            n_head: cfg.num_attention_heads,
+            n_kv: cfg.num_key_value_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// `(b, t, n * hd)` -> `(b, n, t, hd)`, contiguous.
+    fn heads(&self, x: Tensor, n: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        x.reshape((b, t, n, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    fn rope(&self, x: &Tensor, s: &Step) -> Result<Tensor> {
+        if s.grad {
+            candle_nn::rotary_emb::rope_slow(x, s.cos, s.sin)
+        } else {
+            candle_nn::rotary_emb::rope(x, s.cos, s.sin)
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        s: &Step,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let q = self.rope(&self.heads(self.q_proj.forward(x)?, self.n_head)?, s)?; // (b, h, t, hd)
+        let k = self.rope(&self.heads(self.k_proj.forward(x)?, self.n_kv)?, s)?; // (b, kv, t, hd)
+        let v = self.heads(self.v_proj.forward(x)?, self.n_kv)?; // (b, kv, t, hd)
+        let (k, v) = match cache {
+            Some((c, layer)) => c.append(layer, &k, &v)?, // (b, kv, L, hd)
+            None => (k, v),
+        };
+        let kv_len = k.dim(2)?;
+        // Grouped-query attention without copying K/V: the `rep` query heads that share one KV
+        // head are stacked along the time axis.
+        let rep = self.n_head / self.n_kv;
+        let q = q.reshape((b, self.n_kv, rep * t, self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?; // (b, kv, rep * t, L)
+        let in_dtype = att.dtype();
+        let mut att = att.to_dtype(softmax_dtype(in_dtype))?;
+        if let Some(mask) = s.mask {
+            att = att
+                .reshape((b, self.n_kv, rep, t, kv_len))?
+                .broadcast_add(mask)?
+                .reshape((b, self.n_kv, rep * t, kv_len))?;
+        }
+        let att = if s.grad {
+            candle_nn::ops::softmax(&att, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
+        let y = att.to_dtype(in_dtype)?.matmul(&v.contiguous()?)?; // (b, kv, rep * t, hd)
+        let y = y
+            .reshape((b, self.n_head, t, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_head * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate_proj: linear_b(d, f, false, vb.pp("gate_proj"))?,
+            up_proj: linear_b(d, f, false, vb.pp("up_proj"))?,
+            down_proj: linear_b(f, d, false, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Block {
+            input_layernorm: RmsNorm::new(d, eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::new(d, eps, vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        s: &Step,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x, s.grad)?;
+        let x = (x + self.self_attn.forward(&h, s, cache)?)?;
+        let h = self.post_attention_layernorm.forward(&x, s.grad)?;
+        x + self.mlp.forward(&h)?
+    }
+}
+
+/// A Llama-family causal LM that reads input embeddings.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    cfg: DecoderConfig,
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    inv_freq: Vec<f32>,
+    /// Some weight is a trainable `Var`: always take the differentiable path.
+    trainable: bool,
+    device: Device,
+    dtype: DType,
+}
+
+impl Decoder {
+    /// Build from weights with Hugging Face names (`model.embed_tokens.weight`, ...). With a
+    /// `VarBuilder` over a `VarMap`, missing weights are created (training from scratch or
+    /// fine-tuning after `VarMap::load`).
+    pub fn new(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
+        let m = vb.pp("model");
+        // Fresh variables (an empty `VarMap`) start like HF's `initializer_range = 0.02`.
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let embed = m.get_with_hints(
+            (cfg.vocab_size, cfg.hidden_size),
+            "embed_tokens.weight",
+            init,
+        )?;
+        let embed_tokens = Embedding::new(embed.clone(), cfg.hidden_size);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::new(cfg, m.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed.clone(), None)
+        } else {
+            linear_b(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
+        };
+        let trainable = embed.is_variable()
+            || lm_head.weight().is_variable()
+            || layers
+                .first()
+                .is_some_and(|l| l.self_attn.q_proj.weight().is_variable());
+        Ok(Decoder {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: cfg.inv_freq(),
+            trainable,
+            device: vb.device().clone(),
+            dtype: embed.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn set_eos_token_ids(&mut self, ids: Vec<u32>) {
+        self.cfg.eos_token_ids = ids;
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype the weights and hidden states are in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    /// An empty KV cache with room for `capacity` positions (grows if exceeded).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers, capacity)
+    }
+
+    /// Token embeddings: ids `(b, t)` u32 -> `(b, t, d)`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(ids)
+    }
+
+    /// Run the decoder on input embeddings `x` `(b, t, d)`. Positions continue from the cache's
+    /// length (0 without a cache); the new keys and values are appended to it. Returns f32
+    /// logits (f64 for an f64 model), `(b, t, vocab)` or `(b, vocab)`. Sequences of a batch share one length; right
+    /// padding is harmless (the mask is causal), left padding is not supported.
+    pub fn forward_embeds(
+        &self,
+        x: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        let (_b, t, _d) = x.dims3()?;
+        if t == 0 {
+            candle_core::bail!("decoder: empty input (t = 0)");
+        }
+        if let Some(c) = cache.as_deref() {
+            if c.num_layers() != self.layers.len() {
+                candle_core::bail!(
+                    "decoder: cache for {} layers, model has {}",
+                    c.num_layers(),
+                    self.layers.len()
+                );
+            }
+        }
+        let past = cache.as_deref().map_or(0, KvCache::len);
+        let (cos, sin) = self.rotary(past, t)?;
+        let mask = if t > 1 {
+            Some(causal_mask(past, t, &self.device)?.to_dtype(softmax_dtype(self.dtype))?)
+        } else {
+            None
+        };
+        let step = Step {
+            cos: &cos,
+            sin: &sin,
+            mask: mask.as_ref(),
+            // The fused kernels neither back-propagate nor take f64.
+            grad: self.trainable || x.track_op() || self.dtype == DType::F64,
+        };
+        let mut h = x.to_dtype(self.dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h, &step, cache.as_deref_mut().map(|c| (c, i)))?;
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        let h = match logits {
+            Logits::All => h,
+            Logits::Last => h.i((.., t - 1, ..))?.contiguous()?, // (b, d)
+        };
+        let h = self.norm.forward(&h, step.grad)?;
+        self.lm_head
+            .forward(&h)?
+            .to_dtype(softmax_dtype(self.dtype))
+    }
+
+    /// `forward_embeds` on `embed(ids)`; ids `(b, t)` u32.
+    pub fn forward_ids(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        self.forward_embeds(&self.embed(ids)?, cache, logits)
+    }
+
+    /// Rotary cos/sin for positions `past .. past + t`, `(t, head_dim / 2)` each.
+    fn rotary(&self, past: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let angles: Vec<f32> = (past..past + t)
+            .flat_map(|p| self.inv_freq.iter().map(move |f| p as f32 * f))
+            .collect();
+        let angles = Tensor::from_vec(angles, (t, half), &self.device)?;
+        Ok((
+            angles.cos()?.to_dtype(self.dtype)?,
+            angles.sin()?.to_dtype(self.dtype)?,
+        ))
+    }
+}
+
+/// Attention scores are normalised, and logits returned, in f32 (f64 stays f64).
+fn softmax_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Additive causal mask `(t, past + t)`: 0 where query `i` (at position `past + i`) may attend to
+/// key `j`, minus infinity where `j > past + i`.
+fn causal_mask(past: usize, t: usize, device: &Device) -> Result<Tensor> {
+    let l = past + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..l).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, l), device)
+}

@@ -1,0 +1,367 @@
+//! Decoder invariants on tiny random models written in code (nothing downloads): parity with
+//! candle-transformers' `llama` / `quantized_llama` (and the Qwen2 pair), HF and GGUF loading
+//! agree, cached decoding equals a full forward, embedding input equals token input, a batch
+//! equals one-by-one, gradients reach the input embeddings, and the GGUF-rebuilt tokenizer
+//! equals `tokenizer.json`.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+use candle_transformers::models::{llama, quantized_llama, quantized_qwen2, qwen2};
+use refrag::decoder::{Arch, Decoder, DecoderTokenizer, KvCache, Logits};
+use refrag::hub;
+use refrag::testing::llama as tiny;
+
+const IDS: [u32; 12] = [1, 40, 250, 7, 99, 300, 12, 2, 150, 61, 3, 200];
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn ids(v: &[u32]) -> Tensor {
+    Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+}
+
+fn load(path: &Path) -> (Decoder, DecoderTokenizer) {
+    let files = hub::resolve(path.to_str().unwrap()).unwrap();
+    Decoder::load(&files, &Device::Cpu, DType::F32).unwrap()
+}
+
+fn hf_model(dir: &Path, arch: Arch) -> (Decoder, DecoderTokenizer) {
+    tiny::write_tiny_decoder(dir, 7, arch).unwrap();
+    load(dir)
+}
+
+fn gguf_model(dir: &Path, arch: Arch) -> (Decoder, DecoderTokenizer) {
+    let path = dir.join("tiny.gguf");
+    tiny::write_tiny_decoder_gguf(&path, 7, arch).unwrap();
+    load(&path)
+}
+
+#[test]
+fn hf_logits_match_candle_llama() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, _) = hf_model(dir.path(), Arch::Llama);
+    let text = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    let cfg: llama::LlamaConfig = serde_json::from_str(&text).unwrap();
+    let cfg = cfg.into_config(false);
+    let files = [dir.path().join("model.safetensors")];
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }.unwrap();
+    let reference = llama::Llama::load(vb, &cfg).unwrap();
+    let all = ours.forward_ids(&ids(&IDS), None, Logits::All).unwrap(); // (1, t, v)
+    for end in [1, 5, IDS.len()] {
+        let mut cache = llama::Cache::new(false, DType::F32, &cfg, &Device::Cpu).unwrap();
+        let want = reference.forward(&ids(&IDS[..end]), 0, &mut cache).unwrap(); // (1, v)
+        let got = all.i((.., end - 1, ..)).unwrap();
+        let d = max_diff(&got, &want);
+        assert!(d < 1e-4, "prefix {end}: max diff {d}");
+    }
+}
+
+#[test]
+fn gguf_logits_match_quantized_llama_prefill_and_cached_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, _) = gguf_model(dir.path(), Arch::Llama);
+    let path = dir.path().join("tiny.gguf");
+    let mut f = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let mut reference =
+        quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
+    let mut cache = ours.new_cache(64);
+    let (prompt, rest) = IDS.split_at(7);
+    let want = reference.forward(&ids(prompt), 0).unwrap();
+    let got = ours
+        .forward_ids(&ids(prompt), Some(&mut cache), Logits::Last)
+        .unwrap();
+    assert!(
+        max_diff(&got, &want) < 1e-4,
+        "prefill: {}",
+        max_diff(&got, &want)
+    );
+    for (i, &tok) in rest.iter().enumerate() {
+        let want = reference.forward(&ids(&[tok]), prompt.len() + i).unwrap();
+        let got = ours
+            .forward_ids(&ids(&[tok]), Some(&mut cache), Logits::Last)
+            .unwrap();
+        let d = max_diff(&got, &want);
+        assert!(d < 1e-4, "step {i}: max diff {d}");
+    }
+    assert_eq!(cache.len(), IDS.len());
+}
+
+#[test]
+fn hf_and_gguf_of_the_same_weights_agree() {
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let dir = tempfile::tempdir().unwrap();
+        let (hf, _) = hf_model(dir.path(), arch);
+        let (gg, _) = gguf_model(dir.path(), arch);
+        let mut a = hf.config().clone();
+        let b = gg.config().clone();
+        a.max_position_embeddings = b.max_position_embeddings;
+        assert_eq!(a, b, "{arch:?} configs");
+        let x = hf.forward_ids(&ids(&IDS), None, Logits::All).unwrap();
+        let y = gg.forward_ids(&ids(&IDS), None, Logits::All).unwrap();
+        assert!(max_diff(&x, &y) < 1e-4, "{arch:?}: {}", max_diff(&x, &y));
+    }
+}
+
+#[test]
+fn qwen2_matches_candle_qwen2_and_quantized_qwen2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, _) = hf_model(dir.path(), Arch::Qwen2);
+    let text = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    let cfg: qwen2::Config = serde_json::from_str(&text).unwrap();
+    let files = [dir.path().join("model.safetensors")];
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }.unwrap();
+    let mut reference = qwen2::ModelForCausalLM::new(&cfg, vb).unwrap();
+    let want = reference
+        .forward(&ids(&IDS), 0)
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    let got = ours.forward_ids(&ids(&IDS), None, Logits::Last).unwrap();
+    assert!(
+        max_diff(&got, &want) < 1e-4,
+        "hf: {}",
+        max_diff(&got, &want)
+    );
+
+    let (ours, _) = gguf_model(dir.path(), Arch::Qwen2);
+    let mut f = std::fs::File::open(dir.path().join("tiny.gguf")).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let mut reference =
+        quantized_qwen2::ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
+    let want = reference.forward(&ids(&IDS), 0).unwrap();
+    let got = ours.forward_ids(&ids(&IDS), None, Logits::Last).unwrap();
+    assert!(
+        max_diff(&got, &want) < 1e-4,
+        "gguf: {}",
+        max_diff(&got, &want)
+    );
+}
+
+#[test]
+fn cached_decoding_equals_full_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = hf_model(dir.path(), Arch::Llama);
+    let full = m.forward_ids(&ids(&IDS), None, Logits::All).unwrap(); // (1, 12, v)
+                                                                      // Prefill in uneven chunks, then one token at a time; a small capacity forces growth.
+    let mut cache = KvCache::new(m.config().num_hidden_layers, 4);
+    let mut start = 0;
+    for end in [3, 7, 8, 9, 10, 11, 12] {
+        let got = m
+            .forward_ids(&ids(&IDS[start..end]), Some(&mut cache), Logits::All)
+            .unwrap();
+        let want = full.i((.., start..end, ..)).unwrap();
+        let d = max_diff(&got, &want);
+        assert!(d < 1e-4, "positions {start}..{end}: {d}");
+        start = end;
+    }
+    // Truncating rolls back: re-decoding the last token gives the same logits.
+    cache.truncate(11);
+    let got = m
+        .forward_ids(&ids(&IDS[11..]), Some(&mut cache), Logits::Last)
+        .unwrap();
+    assert!(max_diff(&got, &full.i((.., 11, ..)).unwrap()) < 1e-4);
+    cache.reset();
+    assert!(cache.is_empty());
+}
+
+#[test]
+fn embedding_input_equals_token_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = hf_model(dir.path(), Arch::Llama);
+    let e = m.embed(&ids(&IDS)).unwrap();
+    assert_eq!(e.dims(), &[1, IDS.len(), 64]);
+    let a = m.forward_embeds(&e, None, Logits::All).unwrap();
+    let b = m.forward_ids(&ids(&IDS), None, Logits::All).unwrap();
+    assert_eq!(max_diff(&a, &b), 0.0);
+    let last = m.forward_embeds(&e, None, Logits::Last).unwrap();
+    assert_eq!(last.dims(), &[1, m.config().vocab_size]);
+    assert!(max_diff(&last, &b.i((.., IDS.len() - 1, ..)).unwrap()) < 1e-5);
+}
+
+#[test]
+fn batch_equals_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = hf_model(dir.path(), Arch::Llama);
+    let other: Vec<u32> = IDS.iter().rev().copied().collect();
+    let batch = Tensor::stack(
+        &[
+            ids(&IDS).squeeze(0).unwrap(),
+            ids(&other).squeeze(0).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut cache = m.new_cache(16);
+    let got = m
+        .forward_ids(
+            &batch.narrow(1, 0, 10).unwrap(),
+            Some(&mut cache),
+            Logits::All,
+        )
+        .unwrap();
+    let step = m
+        .forward_ids(
+            &batch.narrow(1, 10, 1).unwrap(),
+            Some(&mut cache),
+            Logits::Last,
+        )
+        .unwrap();
+    for (i, seq) in [&IDS[..], &other[..]].iter().enumerate() {
+        let one = m.forward_ids(&ids(&seq[..11]), None, Logits::All).unwrap();
+        assert!(max_diff(&got.i(i).unwrap(), &one.i((0, ..10, ..)).unwrap()) < 1e-4);
+        assert!(max_diff(&step.i(i).unwrap(), &one.i((0, 10, ..)).unwrap()) < 1e-4);
+    }
+}
+
+/// Sum of the log-probabilities of `IDS[1..]` given `x` (teacher forcing).
+fn log_likelihood(m: &Decoder, x: &Tensor) -> Tensor {
+    let logits = m.forward_embeds(x, None, Logits::All).unwrap(); // (1, t, v)
+    let logits = logits.to_dtype(x.dtype()).unwrap();
+    let lp = candle_nn::ops::log_softmax(&logits.i((0, ..IDS.len() - 1, ..)).unwrap(), D::Minus1)
+        .unwrap();
+    let targets = Tensor::new(&IDS[1..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(1)
+        .unwrap();
+    lp.gather(&targets, 1).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn gradients_reach_input_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_tiny_llama(dir.path(), 7).unwrap();
+    let files = hub::resolve(dir.path().to_str().unwrap()).unwrap();
+    // f64, so that a central finite difference is a sharp reference.
+    let (m, _) = Decoder::load(&files, &Device::Cpu, DType::F64).unwrap();
+    let ll = |x: &Tensor| log_likelihood(&m, x);
+    let e = m.embed(&ids(&IDS)).unwrap();
+    let x = Var::from_tensor(&e).unwrap();
+    let value = ll(x.as_tensor());
+    // The differentiable path computes the same values as the fused one.
+    let fast = ll(&e).to_scalar::<f64>().unwrap();
+    assert!((value.to_scalar::<f64>().unwrap() - fast).abs() < 1e-9);
+    let grads = value.backward().unwrap();
+    let g = grads.get(&x).expect("gradient for the input embeddings");
+    // Central difference along a fixed direction.
+    let n = e.elem_count();
+    let dirn: Vec<f64> = (0..n)
+        .map(|i| ((i * 7919) % 13) as f64 / 13.0 - 0.5)
+        .collect();
+    let dirn = Tensor::from_vec(dirn, e.shape(), &Device::Cpu).unwrap();
+    let eps = 1e-5;
+    let at = |s: f64| {
+        ll(&(&e + (&dirn * s).unwrap()).unwrap())
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+    let analytic = (g * &dirn)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(analytic.abs() > 1e-3, "gradient is zero");
+    assert!(
+        (numeric - analytic).abs() < 1e-5 * analytic.abs().max(1.0),
+        "numeric {numeric} vs analytic {analytic}"
+    );
+}
+
+#[test]
+fn a_varmap_decoder_trains() {
+    let cfg = tiny::tiny_config(Arch::Llama);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let m = Decoder::new(&cfg, vb).unwrap();
+    let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), 1e-2).unwrap();
+    let loss = |m: &Decoder| {
+        log_likelihood(m, &m.embed(&ids(&IDS)).unwrap())
+            .neg()
+            .unwrap()
+    };
+    let before = loss(&m);
+    opt.backward_step(&before).unwrap();
+    let after = loss(&m);
+    assert!(
+        after.to_scalar::<f32>().unwrap() < before.to_scalar::<f32>().unwrap(),
+        "one AdamW step should lower the loss"
+    );
+    assert!(varmap
+        .data()
+        .lock()
+        .unwrap()
+        .contains_key("model.layers.1.mlp.down_proj.weight"));
+}
+
+#[test]
+fn gguf_tokenizer_equals_tokenizer_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, hf) = hf_model(dir.path(), Arch::Llama);
+    let (_, gg) = gguf_model(dir.path(), Arch::Llama);
+    for text in [
+        "the river flows through the town",
+        "The answer is 42, not 1999!",
+        "<|im_start|>user\nwhat is the name?<|im_end|>\n",
+        "  spaces   and\ttabs\n\nnewlines ",
+        "unicode: café, naïve, 東京, 🙂",
+    ] {
+        let a = hf.encode(text, false).unwrap();
+        let b = gg.encode(text, false).unwrap();
+        assert_eq!(a, b, "{text:?}");
+        assert_eq!(
+            gg.decode(&b).unwrap(),
+            text.replace("<|im_start|>", "").replace("<|im_end|>", "")
+        );
+    }
+    assert_eq!(
+        gg.encode("<|im_start|><|im_end|>", false).unwrap(),
+        vec![1, 2]
+    );
+    assert_eq!(
+        gg.encode("1999", false).unwrap().len(),
+        4,
+        "digits split one by one"
+    );
+    let merged = gg.encode("the river", false).unwrap();
+    assert!(merged.len() < "the river".len(), "merges apply: {merged:?}");
+    for t in [&hf, &gg] {
+        assert_eq!(t.bos_id(), Some(1));
+        assert!(t.is_eos(2) && !t.is_eos(1));
+    }
+}
+
+#[test]
+fn chat_parts_reproduce_the_smollm2_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, hf) = hf_model(dir.path(), Arch::Llama);
+    let (_, gg) = gguf_model(dir.path(), Arch::Llama);
+    let want_before = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n";
+    let want_after = "<|im_end|>\n<|im_start|>assistant\n";
+    for t in [&hf, &gg] {
+        let (before, after) = t.chat_parts(None);
+        assert_eq!((before.as_str(), after.as_str()), (want_before, want_after));
+        let (before, _) = t.chat_parts(Some("Answer briefly."));
+        assert_eq!(
+            before,
+            "<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\n"
+        );
+        let ids = t.encode(&before, false).unwrap();
+        assert_eq!(ids[0], 1);
+    }
+}
