@@ -163,15 +163,19 @@ pub struct IndexArgs {
     /// Passages embedded per batch.
     #[arg(long = "batch_size", alias = "batch-size", default_value_t = 64)]
     pub batch_size: usize,
-    /// Chunk encoder whose chunk vectors are cached beside the index (needs --dec and --k too).
+    /// Chunk encoder whose chunk vectors are cached beside the index (the chunk cache is built
+    /// when any of --enc, --dec, --k or --load_dir is given; the others take their defaults).
     #[arg(long)]
     pub enc: Option<String>,
     /// Decoder whose tokenizer chunks the passages for the chunk cache.
     #[arg(long)]
     pub dec: Option<String>,
-    /// Decoder tokens per chunk for the chunk cache.
+    /// Decoder tokens per chunk for the chunk cache [default: 16 when the cache is built].
     #[arg(long)]
     pub k: Option<usize>,
+    /// Trained weights whose encoder computes the cached chunk vectors.
+    #[arg(long = "load_dir", alias = "load-dir")]
+    pub load_dir: Option<PathBuf>,
     /// Replace an existing index directory.
     #[arg(long)]
     pub force: bool,

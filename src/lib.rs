@@ -5,16 +5,20 @@
 //! compression stages, and `commands` (one function per subcommand).
 
 pub mod checkpoint;
+pub mod chunk_cache;
 pub mod cli;
 pub mod commands;
 pub mod corpus;
 pub mod decoder;
 pub mod device;
 pub mod embed;
+pub mod encoder;
 pub mod hub;
 pub mod index;
 pub mod jsonio;
+pub mod pipeline;
 pub mod policy;
+pub mod progress;
 pub mod projector;
 pub mod prompt;
 pub mod retrieve;

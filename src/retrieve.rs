@@ -373,7 +373,10 @@ mod tests {
         check_model(dir, &manifest, &a).unwrap();
         check_model(dir, &manifest, &a_copy).unwrap(); // same model, other path
         let e = format!("{:#}", check_model(dir, &manifest, &b).unwrap_err());
-        assert!(e.contains("/some/idx") && e.contains(a.name()) && e.contains(b.name()), "{e}");
+        assert!(
+            e.contains("/some/idx") && e.contains(a.name()) && e.contains(b.name()),
+            "{e}"
+        );
         assert!(!e.contains('\n'));
     }
 

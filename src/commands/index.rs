@@ -5,25 +5,22 @@
 //! staging directory beside `--index_dir` and renamed into place only when complete. Stages added
 //! later (the chunk cache) write into the same staging directory before the commit.
 
-use std::io::IsTerminal;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use faiss::Index;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cli::IndexArgs;
 use crate::embed::BertEmbedder;
 use crate::hub::{self, ModelFiles, Role};
 use crate::index::{self, lexical, Bm25Manifest, Bm25Params, Manifest, Staging};
+use crate::{chunk_cache, progress};
 
 pub fn run(args: &IndexArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch_size must be at least 1");
     }
-    if args.enc.is_some() || args.dec.is_some() || args.k.is_some() {
-        eprintln!("refrag: note: --enc/--dec/--k (chunk cache) are not used by this version of index; ignored");
-    }
+    let cache_k = chunk_cache_k(args)?;
     index::check_target(&args.index_dir, args.force)?;
     let passages = crate::jsonio::read_corpus(&args.corpus)?;
     let model_arg = hub::model_arg(args.embed.embed_model.as_deref(), Role::Embedder);
@@ -43,7 +40,29 @@ pub fn run(args: &IndexArgs) -> Result<()> {
     index::write_passages(&staging.path().join(index::PASSAGES), &passages)?;
     let manifest = manifest(args, &model_arg, &files, &embedder, passages.len())?;
     index::write_manifest(staging.path(), &manifest)?;
-    // Later stages (the chunk cache) write into `staging.path()` here, before the commit.
+    if let Some(k) = cache_k {
+        let bar = progress::bar(
+            passages.len(),
+            args.runtime.quiet,
+            "chunk cache {bar:40} {pos}/{len} passages ({per_sec}, eta {eta})",
+        );
+        let cache = chunk_cache::build_for_index(
+            &passages,
+            args.enc.as_deref(),
+            args.dec.as_deref(),
+            args.load_dir.as_deref(),
+            k,
+            &device,
+            |n| bar.inc(n as u64),
+        )?;
+        bar.finish_and_clear();
+        cache.save(staging.path())?;
+        eprintln!(
+            "refrag: cached {} chunks (k={k}) of {} passages",
+            cache.meta.chunks,
+            passages.len()
+        );
+    }
     staging.commit()?;
     if !args.runtime.quiet {
         eprintln!(
@@ -101,30 +120,31 @@ fn manifest(
     })
 }
 
-/// Embed all passages with a progress bar on stderr (hidden with `--quiet` or when stderr is not
-/// a terminal).
+/// Embed all passages with a progress bar on stderr.
 fn embed_with_progress(
     embedder: &BertEmbedder,
     passages: &[String],
     batch_size: usize,
     quiet: bool,
 ) -> Result<Vec<f32>> {
-    let bar = ProgressBar::with_draw_target(
-        Some(passages.len() as u64),
-        if quiet || !std::io::stderr().is_terminal() {
-            ProgressDrawTarget::hidden()
-        } else {
-            ProgressDrawTarget::stderr()
-        },
-    );
-    bar.set_style(
-        ProgressStyle::with_template(
-            "embedding {bar:40} {pos}/{len} passages ({per_sec}, eta {eta})",
-        )
-        .expect("valid progress template"),
+    let bar = progress::bar(
+        passages.len(),
+        quiet,
+        "embedding {bar:40} {pos}/{len} passages ({per_sec}, eta {eta})",
     );
     let texts: Vec<&str> = passages.iter().map(String::as_str).collect();
     let vectors = embedder.embed_all(&texts, batch_size, |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     Ok(vectors)
+}
+
+/// The chunk cache's `k` when the cache is asked for (any of --enc, --dec, --k, --load_dir).
+fn chunk_cache_k(args: &IndexArgs) -> Result<Option<usize>> {
+    let asked =
+        args.enc.is_some() || args.dec.is_some() || args.k.is_some() || args.load_dir.is_some();
+    match args.k {
+        Some(0) => bail!("--k must be at least 1"),
+        _ if !asked => Ok(None),
+        k => Ok(Some(k.unwrap_or(16))),
+    }
 }

@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 
 use crate::cli::Command;
 
+pub mod generate;
 pub mod index;
 pub mod make_corpus;
 pub mod search;
@@ -14,7 +15,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Index(a) => index::run(&a),
         Command::Search(a) => search::run(&a),
         Command::MakeCorpus(a) => make_corpus::run(&a),
-        Command::Generate(_) => not_yet("generate"),
+        Command::Generate(a) => generate::run(&a),
         Command::CptRecon(_) => not_yet("cpt_recon"),
         Command::CptNext(_) => not_yet("cpt_next"),
         Command::Sft(_) => not_yet("sft"),

@@ -1,0 +1,221 @@
+//! The chunk cache beside an index (the paper's "cached" mode): for every passage, its chunks of
+//! `k` decoder tokens, their encoder vectors `c_i`, and their perplexity-heuristic scores, so that
+//! `generate` runs neither the encoder nor the decoder over retrieved passages before prefill.
+//! The cache records which encoder (with trained weights' digest), pooling, decoder and `k` built
+//! it; `generate` uses it only when all match.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::decoder::{Decoder, DecoderTokenizer};
+use crate::encoder::ChunkEncoder;
+use crate::pipeline;
+use crate::prompt::chunk_tokens;
+
+/// File names inside the index directory.
+pub const CACHE_FILE: &str = "chunks.safetensors";
+pub const META_FILE: &str = "chunks.json";
+
+/// What built the cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkCacheMeta {
+    pub encoder: String,
+    pub decoder: String,
+    pub k: usize,
+    pub passages: usize,
+    pub chunks: usize,
+    pub dim: usize,
+}
+
+/// Chunks, vectors and scores of every passage of an index.
+pub struct ChunkCache {
+    pub meta: ChunkCacheMeta,
+    chunk_offsets: Vec<u32>,
+    token_offsets: Vec<u32>,
+    tokens: Vec<u32>,
+    vectors: Tensor,
+    scores: Vec<f32>,
+}
+
+impl ChunkCache {
+    /// Chunk every passage, encode every chunk and score it with the decoder. `progress` gets the
+    /// number of passages done.
+    pub fn build(
+        passages: &[String],
+        meta_names: (&str, &str),
+        dtok: &DecoderTokenizer,
+        decoder: &Decoder,
+        encoder: &ChunkEncoder,
+        k: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Self> {
+        let mut chunk_offsets = vec![0u32];
+        let mut token_offsets = vec![0u32];
+        let mut tokens = Vec::new();
+        let mut texts = Vec::new();
+        let mut scores = Vec::new();
+        let mut vectors = Vec::new();
+        for (i, p) in passages.iter().enumerate() {
+            let ids = dtok.encode(p, false)?;
+            let chunks = chunk_tokens(&ids, k);
+            scores.extend(pipeline::chunk_scores(decoder, dtok, &chunks)?);
+            for c in &chunks {
+                texts.push(dtok.decode(c)?);
+                tokens.extend_from_slice(c);
+                token_offsets.push(tokens.len() as u32);
+            }
+            chunk_offsets.push(token_offsets.len() as u32 - 1);
+            if texts.len() >= 256 || i + 1 == passages.len() {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                vectors.push(encoder.encode(&refs, 64)?);
+                texts.clear();
+            }
+            progress(1);
+        }
+        let vectors = Tensor::cat(&vectors, 0)?.to_device(&Device::Cpu)?;
+        let meta = ChunkCacheMeta {
+            encoder: meta_names.0.to_string(),
+            decoder: meta_names.1.to_string(),
+            k,
+            passages: passages.len(),
+            chunks: scores.len(),
+            dim: encoder.dim(),
+        };
+        Ok(Self {
+            meta,
+            chunk_offsets,
+            token_offsets,
+            tokens,
+            vectors,
+            scores,
+        })
+    }
+
+    /// Write the cache files into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let dev = Device::Cpu;
+        let mut t = HashMap::new();
+        t.insert("vectors".to_string(), self.vectors.clone());
+        t.insert(
+            "chunk_offsets".to_string(),
+            Tensor::new(self.chunk_offsets.as_slice(), &dev)?,
+        );
+        t.insert(
+            "token_offsets".to_string(),
+            Tensor::new(self.token_offsets.as_slice(), &dev)?,
+        );
+        t.insert(
+            "tokens".to_string(),
+            Tensor::new(self.tokens.as_slice(), &dev)?,
+        );
+        t.insert(
+            "scores".to_string(),
+            Tensor::new(self.scores.as_slice(), &dev)?,
+        );
+        let path = dir.join(CACHE_FILE);
+        candle_core::safetensors::save(&t, &path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        crate::jsonio::write_json(&dir.join(META_FILE), &self.meta)
+    }
+
+    /// Read the cache of an index directory; `None` when it has none.
+    pub fn load(dir: &Path) -> Result<Option<Self>> {
+        let meta_path = dir.join(META_FILE);
+        if !meta_path.is_file() {
+            return Ok(None);
+        }
+        let meta: ChunkCacheMeta = crate::jsonio::read_json(&meta_path)?;
+        let path = dir.join(CACHE_FILE);
+        let t = candle_core::safetensors::load(&path, &Device::Cpu)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let get = |n: &str| -> Result<Tensor> {
+            t.get(n)
+                .cloned()
+                .with_context(|| format!("{}: no tensor '{n}'", path.display()))
+        };
+        let cache = Self {
+            chunk_offsets: get("chunk_offsets")?.to_vec1()?,
+            token_offsets: get("token_offsets")?.to_vec1()?,
+            tokens: get("tokens")?.to_vec1()?,
+            vectors: get("vectors")?.to_dtype(DType::F32)?,
+            scores: get("scores")?.to_vec1()?,
+            meta,
+        };
+        if cache.chunk_offsets.len() != cache.meta.passages + 1
+            || cache.scores.len() != cache.meta.chunks
+        {
+            bail!("{}: inconsistent with {}", path.display(), META_FILE);
+        }
+        Ok(Some(cache))
+    }
+
+    /// Why this cache cannot serve `encoder` / `decoder` / `k`, or `None` when it can.
+    pub fn mismatch(&self, encoder: &str, decoder: &str, k: usize) -> Option<String> {
+        if self.meta.encoder != encoder {
+            return Some(format!(
+                "built with encoder {}, not {encoder}",
+                self.meta.encoder
+            ));
+        }
+        if self.meta.decoder != decoder {
+            return Some(format!(
+                "built with decoder {}, not {decoder}",
+                self.meta.decoder
+            ));
+        }
+        if self.meta.k != k {
+            return Some(format!("built with k={}, not {k}", self.meta.k));
+        }
+        None
+    }
+
+    /// Global chunk indices of passage `id`.
+    pub fn chunk_range(&self, id: usize) -> std::ops::Range<usize> {
+        self.chunk_offsets[id] as usize..self.chunk_offsets[id + 1] as usize
+    }
+
+    /// Tokens of global chunk `c`.
+    pub fn chunk_tokens(&self, c: usize) -> &[u32] {
+        &self.tokens[self.token_offsets[c] as usize..self.token_offsets[c + 1] as usize]
+    }
+
+    /// Heuristic score of global chunk `c`.
+    pub fn score(&self, c: usize) -> f32 {
+        self.scores[c]
+    }
+
+    /// Encoder vectors `(n, h)` of global chunks `ids`, on `device`.
+    pub fn vectors(&self, ids: &[usize], device: &Device) -> Result<Tensor> {
+        let idx: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::new(idx, &Device::Cpu)?;
+        Ok(self.vectors.index_select(&idx, 0)?.to_device(device)?)
+    }
+}
+
+/// Build the chunk cache of `passages` for the encoder `enc`, decoder `dec` and `k` (with the
+/// trained encoder of `load_dir` when given), reporting progress with `progress`.
+pub fn build_for_index(
+    passages: &[String],
+    enc: Option<&str>,
+    dec: Option<&str>,
+    load_dir: Option<&Path>,
+    k: usize,
+    device: &Device,
+    progress: impl FnMut(usize),
+) -> Result<ChunkCache> {
+    let dec = crate::commands::generate::decoder_arg(dec, load_dir)?;
+    let refrag = crate::pipeline::Refrag::load(enc, &dec, load_dir, 0, device)?;
+    ChunkCache::build(
+        passages,
+        (&refrag.encoder.fingerprint, &dec),
+        &refrag.dtok,
+        &refrag.decoder,
+        &refrag.encoder,
+        k,
+        progress,
+    )
+}

@@ -1,0 +1,150 @@
+//! `refrag generate`: retrieve, chunk, compress, select, expand, prefill, decode; print one JSON
+//! object with the answer, the time to first token split by stage, and the compression achieved.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde_json::json;
+
+use crate::chunk_cache::ChunkCache;
+use crate::cli::{CompressArgs, GenerateArgs, RetrievalMode};
+use crate::hub::{self, Role};
+use crate::pipeline::{Passage, Refrag, StageTimes};
+use crate::retrieve::Retriever;
+use crate::sample::Sampler;
+use crate::{device, select};
+
+/// Check the compression flags before any model loads.
+pub fn validate_compress(c: &CompressArgs) -> Result<()> {
+    if !(0.0..=1.0).contains(&c.p) {
+        bail!("--p must be in [0, 1], got {}", c.p);
+    }
+    if c.k == 0 {
+        bail!("--k must be at least 1");
+    }
+    if c.ctx_max == 0 {
+        bail!("--ctx_max must be at least 1");
+    }
+    Ok(())
+}
+
+/// The decoder argument: `--dec`, else the one recorded in `--load_dir`, else the default.
+pub fn decoder_arg(dec: Option<&str>, load_dir: Option<&std::path::Path>) -> Result<String> {
+    if let Some(d) = dec {
+        return Ok(d.to_string());
+    }
+    if let Some(dir) = load_dir {
+        return Ok(crate::checkpoint::RefragConfig::read(dir)?.decoder_model);
+    }
+    Ok(hub::model_arg(None, Role::Decoder))
+}
+
+/// The index's chunk cache when it was built for this encoder, decoder and k; else `None`, with
+/// the reason on stderr.
+pub fn usable_cache(
+    refrag: &Refrag,
+    dir: &std::path::Path,
+    k: usize,
+) -> Result<Option<ChunkCache>> {
+    let Some(cache) = ChunkCache::load(dir)? else {
+        eprintln!("refrag: {} has no chunk cache; encoding chunks on the fly (index with --enc/--dec/--k to cache them)", dir.display());
+        return Ok(None);
+    };
+    match cache.mismatch(&refrag.encoder.fingerprint, &refrag.decoder_name, k) {
+        None => Ok(Some(cache)),
+        Some(why) => {
+            eprintln!(
+                "refrag: the chunk cache in {} was {why}; encoding chunks on the fly",
+                dir.display()
+            );
+            Ok(None)
+        }
+    }
+}
+
+pub fn run(a: &GenerateArgs) -> Result<()> {
+    validate_compress(&a.compress)?;
+    if a.temperature < 0.0 {
+        bail!("--temperature must be >= 0, got {}", a.temperature);
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top_p must be in (0, 1], got {}", a.top_p);
+    }
+    if a.retrieve.topk == 0 {
+        bail!("--topk must be at least 1");
+    }
+    let c = &a.compress;
+    let load_dir = c.load_dir.as_deref();
+    let dev = device::select(a.runtime.device)?;
+    let retriever = Retriever::open(&a.retrieve.index_dir, a.embed.embed_model.as_deref(), &dev)?;
+    if a.retrieve.retrieval != RetrievalMode::Lexical {
+        retriever.embedder()?; // load before the clock starts
+    }
+    let dec = decoder_arg(a.models.dec.as_deref(), load_dir)?;
+    let refrag = Refrag::load(
+        a.models.enc.as_deref(),
+        &dec,
+        load_dir,
+        a.runtime.seed,
+        &dev,
+    )?;
+    let cache = usable_cache(&refrag, &a.retrieve.index_dir, c.k)?;
+    let mode = select::resolve_mode(c.select, c.heuristic, refrag.policy.is_some());
+
+    let mut times = StageTimes::default();
+    let t = Instant::now();
+    let hits = retriever.retrieve(&a.question, a.retrieve.topk, a.retrieve.retrieval)?;
+    times.retrieval = t.elapsed().as_secs_f64();
+    let passages: Vec<Passage> = hits
+        .iter()
+        .map(|h| Passage {
+            id: h.id,
+            text: h.text.clone(),
+        })
+        .collect();
+    let t = Instant::now();
+    let prep = refrag.prepare(&a.question, &passages, cache.as_ref(), c.k, c.ctx_max)?;
+    times.tokenize = t.elapsed().as_secs_f64();
+    let (mask, embeds) =
+        refrag.select_and_embed(&prep, mode, c.p, a.runtime.seed, cache.as_ref(), &mut times)?;
+    let mut sampler = Sampler::new(a.temperature, a.top_p, a.runtime.seed);
+    let g = refrag.generate(
+        &prep,
+        &mask,
+        embeds.as_ref(),
+        a.max_new,
+        &mut sampler,
+        times,
+    )?;
+
+    let out = json!({
+        "question": a.question,
+        "passages": hits.iter().map(|h| &h.text).collect::<Vec<_>>(),
+        "answer": g.answer,
+        "TTFT_sec": g.times.ttft(),
+        "TTIT_avg_sec": g.ttit,
+        "throughput_tok_per_sec": g.throughput,
+        "ttft_breakdown_sec": g.times,
+        "positions": g.positions,
+        "positions_full": g.positions_full,
+        "compression": g.positions_full as f64 / g.positions.max(1) as f64,
+        "device": device::describe(&dev),
+        "meta": {
+            "expand_mask": mask,
+            "select": mode,
+            "k": c.k,
+            "p": c.p,
+            "chunks": mask.len(),
+            "expanded": mask.iter().filter(|&&m| m).count(),
+            "chunk_cache": cache.is_some(),
+            "projector_trained": refrag.encoder.trained,
+            "retrieval": a.retrieve.retrieval,
+            "passage_ids": hits.iter().map(|h| h.id).collect::<Vec<_>>(),
+            "generated_tokens": g.tokens.len(),
+            "decoder": dec,
+            "encoder": refrag.encoder.model_name(),
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}

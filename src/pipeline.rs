@@ -1,0 +1,410 @@
+//! The REFRAG inference pipeline after retrieval: lay the passages out in chunks, select the
+//! chunks to expand, encode and project only the chunks that stay compressed, prefill the decoder
+//! with the mixed input, and decode with a KV cache. Every stage is timed after a device sync.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+use serde::Serialize;
+
+use crate::checkpoint::{self, RefragConfig};
+use crate::chunk_cache::ChunkCache;
+use crate::cli::SelectMode;
+use crate::decoder::{Decoder, DecoderTokenizer, Logits};
+use crate::encoder::ChunkEncoder;
+use crate::policy::{Policy, PolicyConfig};
+use crate::prompt::{cap_chunks, chunk_tokens, PromptLayout, Template};
+use crate::sample::Sampler;
+use crate::select;
+
+/// Seconds spent in each stage before the first token.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageTimes {
+    pub retrieval: f64,
+    pub tokenize: f64,
+    pub encoding: f64,
+    pub projection: f64,
+    pub selection: f64,
+    pub prefill: f64,
+}
+
+impl StageTimes {
+    /// Time to first token: the sum of the stages.
+    pub fn ttft(&self) -> f64 {
+        self.retrieval
+            + self.tokenize
+            + self.encoding
+            + self.projection
+            + self.selection
+            + self.prefill
+    }
+}
+
+/// A retrieved passage: its id in the index and its text.
+#[derive(Debug, Clone)]
+pub struct Passage {
+    pub id: usize,
+    pub text: String,
+}
+
+/// Models of the pipeline.
+pub struct Refrag {
+    pub decoder: Decoder,
+    pub dtok: DecoderTokenizer,
+    pub decoder_name: String,
+    pub encoder: ChunkEncoder,
+    pub policy: Option<Policy>,
+    pub device: Device,
+}
+
+/// A question laid out over its passages, with the cached data that goes with it.
+pub struct Prepared {
+    pub layout: PromptLayout,
+    /// Global chunk ids in the cache, when the cache served this question.
+    pub cache_ids: Option<Vec<usize>>,
+    /// Heuristic scores from the cache.
+    pub cached_scores: Option<Vec<f32>>,
+    /// Question vector for the policy: mean of the decoder's embeddings of its tokens.
+    pub question: String,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generated {
+    pub answer: String,
+    pub tokens: Vec<u32>,
+    pub times: StageTimes,
+    /// Mean seconds per token after the first.
+    pub ttit: f64,
+    /// Tokens after the first per second of decoding.
+    pub throughput: f64,
+    pub positions: usize,
+    pub positions_full: usize,
+}
+
+impl Refrag {
+    /// Load the decoder, the chunk encoder + projector, and the policy when `load_dir` has one.
+    pub fn load(
+        enc: Option<&str>,
+        dec: &str,
+        load_dir: Option<&Path>,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg = load_dir.map(RefragConfig::read).transpose()?;
+        if let Some(c) = &cfg {
+            if c.decoder_model != dec {
+                bail!("--dec {dec} differs from the decoder the weights in --load_dir were trained with ({})", c.decoder_model);
+            }
+            if c.has("decoder") {
+                bail!("--load_dir holds trained decoder weights; loading them is not supported by this version");
+            }
+        }
+        let files = crate::hub::resolve(dec)?;
+        let (decoder, dtok) = Decoder::load(&files, device, crate::device::compute_dtype(device))?;
+        let encoder = ChunkEncoder::load(enc, load_dir, &decoder, seed, device)?;
+        let policy = match (load_dir, &cfg) {
+            (Some(dir), Some(c)) if c.has("policy") => Some(load_policy(dir, c, &decoder, device)?),
+            _ => None,
+        };
+        Ok(Self {
+            decoder,
+            dtok,
+            decoder_name: dec.to_string(),
+            encoder,
+            policy,
+            device: device.clone(),
+        })
+    }
+
+    /// Tokenize the template and the passages (from the cache when it serves) and cap the
+    /// context at `ctx_max` tokens.
+    pub fn prepare(
+        &self,
+        question: &str,
+        passages: &[Passage],
+        cache: Option<&ChunkCache>,
+        k: usize,
+        ctx_max: usize,
+    ) -> Result<Prepared> {
+        let (before, after) = self.dtok.chat_parts(None);
+        let template = Template::new(&before, &after, question, |t| self.dtok.encode(t, false))?;
+        let mut per_passage = Vec::new();
+        let mut global = Vec::new();
+        for p in passages {
+            match cache {
+                Some(c) => {
+                    let r = c.chunk_range(p.id);
+                    per_passage.push(
+                        r.clone()
+                            .map(|i| c.chunk_tokens(i).to_vec())
+                            .collect::<Vec<_>>(),
+                    );
+                    global.push(r.collect::<Vec<_>>());
+                }
+                None => per_passage.push(chunk_tokens(&self.dtok.encode(&p.text, false)?, k)),
+            }
+        }
+        let capped = cap_chunks(&per_passage, ctx_max);
+        let layout = PromptLayout::new(&template, &capped);
+        let (cache_ids, cached_scores) = match cache {
+            Some(c) => {
+                let ids: Vec<usize> = capped
+                    .iter()
+                    .zip(&global)
+                    .flat_map(|(kept, g)| g[..kept.len()].to_vec())
+                    .collect();
+                let scores = ids.iter().map(|&i| c.score(i)).collect();
+                (Some(ids), Some(scores))
+            }
+            None => (None, None),
+        };
+        Ok(Prepared {
+            layout,
+            cache_ids,
+            cached_scores,
+            question: question.to_string(),
+        })
+    }
+
+    /// Encoder vectors `(n, h)` of the chunks `which` (indices into the layout's chunks): from
+    /// the cache when it served, else by running the encoder.
+    pub fn chunk_vectors(
+        &self,
+        prep: &Prepared,
+        which: &[usize],
+        cache: Option<&ChunkCache>,
+    ) -> Result<Tensor> {
+        match (cache, &prep.cache_ids) {
+            (Some(c), Some(ids)) => c.vectors(
+                &which.iter().map(|&i| ids[i]).collect::<Vec<_>>(),
+                &self.device,
+            ),
+            _ => {
+                let texts: Vec<String> = which
+                    .iter()
+                    .map(|&i| self.dtok.decode(&prep.layout.chunks[i].tokens))
+                    .collect::<Result<_>>()?;
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                self.encoder.encode(&refs, 64)
+            }
+        }
+    }
+
+    /// Choose the chunks to expand, and return with the mask the projected embeddings `(L, d)`
+    /// of the chunks that need one (rows of expanded chunks are zero). Times encoding,
+    /// projection and selection into `times`.
+    pub fn select_and_embed(
+        &self,
+        prep: &Prepared,
+        mode: SelectMode,
+        p: f64,
+        seed: u64,
+        cache: Option<&ChunkCache>,
+        times: &mut StageTimes,
+    ) -> Result<(Vec<bool>, Option<Tensor>)> {
+        let l = prep.layout.chunks.len();
+        let all: Vec<usize> = (0..l).collect();
+        let mut embeds = None;
+        let t = Instant::now();
+        let scores = match mode {
+            SelectMode::Heuristic => Some(match &prep.cached_scores {
+                Some(s) => s.clone(),
+                None => self.layout_scores(&prep.layout)?,
+            }),
+            SelectMode::Policy => {
+                let Some(policy) = &self.policy else {
+                    bail!("--select policy needs a trained policy in --load_dir (train_policy writes one)");
+                };
+                let e = self.timed_embed(prep, &all, cache, times)?;
+                let t = Instant::now();
+                let q = self.question_vector(&prep.question)?;
+                let s: Vec<f32> = policy.scores(&e, &q)?.to_dtype(DType::F32)?.to_vec1()?;
+                embeds = Some(e);
+                times.selection += t.elapsed().as_secs_f64();
+                Some(s)
+            }
+            _ => None,
+        };
+        if mode != SelectMode::Policy {
+            crate::device::sync(&self.device)?;
+            times.selection += t.elapsed().as_secs_f64();
+        }
+        let mask = select::expansion_mask(mode, p, scores.as_deref(), l, seed);
+        let compressed: Vec<usize> = all.iter().copied().filter(|&i| !mask[i]).collect();
+        if embeds.is_none() && !compressed.is_empty() {
+            let e = self.timed_embed(prep, &compressed, cache, times)?;
+            // Scatter the compressed rows into an (L, d) table; expanded rows stay zero.
+            let d = e.dim(1)?;
+            let mut rows = vec![0u32; l];
+            for (r, &i) in compressed.iter().enumerate() {
+                rows[i] = r as u32 + 1;
+            }
+            let table = Tensor::cat(&[&Tensor::zeros((1, d), e.dtype(), e.device())?, &e], 0)?;
+            embeds = Some(table.index_select(&Tensor::new(rows, &self.device)?, 0)?);
+        }
+        Ok((mask, embeds))
+    }
+
+    /// Encode (timed as encoding) and project (timed as projection) the chunks `which`.
+    fn timed_embed(
+        &self,
+        prep: &Prepared,
+        which: &[usize],
+        cache: Option<&ChunkCache>,
+        times: &mut StageTimes,
+    ) -> Result<Tensor> {
+        let t = Instant::now();
+        let v = self.chunk_vectors(prep, which, cache)?;
+        crate::device::sync(&self.device)?;
+        times.encoding += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let e = self.encoder.project(&v)?;
+        crate::device::sync(&self.device)?;
+        times.projection += t.elapsed().as_secs_f64();
+        Ok(e)
+    }
+
+    /// Heuristic scores of every chunk of a layout, computed with the decoder passage by passage.
+    fn layout_scores(&self, layout: &PromptLayout) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(layout.chunks.len());
+        let mut start = 0;
+        while start < layout.chunks.len() {
+            let p = layout.chunks[start].passage;
+            let end = (start..layout.chunks.len())
+                .find(|&i| layout.chunks[i].passage != p)
+                .unwrap_or(layout.chunks.len());
+            let chunks: Vec<Vec<u32>> = layout.chunks[start..end]
+                .iter()
+                .map(|c| c.tokens.clone())
+                .collect();
+            out.extend(chunk_scores(&self.decoder, &self.dtok, &chunks)?);
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// Mean decoder embedding of the question's tokens, `(d,)`.
+    pub fn question_vector(&self, question: &str) -> Result<Tensor> {
+        let ids = self.dtok.encode(question, false)?;
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        Ok(self
+            .decoder
+            .embed(&ids)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .mean(0)?)
+    }
+
+    /// Prefill with the mixed input and decode up to `max_new` tokens.
+    pub fn generate(
+        &self,
+        prep: &Prepared,
+        mask: &[bool],
+        embeds: Option<&Tensor>,
+        max_new: usize,
+        sampler: &mut Sampler,
+        mut times: StageTimes,
+    ) -> Result<Generated> {
+        let t = Instant::now();
+        let x = prep.layout.assemble(
+            |ids| Ok(self.decoder.embed(ids)?),
+            embeds,
+            mask,
+            &self.device,
+        )?;
+        let positions = x.dim(1)?;
+        let mut kv = self.decoder.new_cache(positions + max_new + 1);
+        let logits = self
+            .decoder
+            .forward_embeds(&x, Some(&mut kv), Logits::Last)?;
+        let mut tok = sampler.sample(&logits)?;
+        times.prefill += t.elapsed().as_secs_f64();
+        let mut tokens = Vec::new();
+        let t = Instant::now();
+        while !self.dtok.is_eos(tok) && tokens.len() < max_new {
+            tokens.push(tok);
+            if tokens.len() == max_new {
+                break;
+            }
+            let ids = Tensor::new(&[[tok]], &self.device)?;
+            let logits = self
+                .decoder
+                .forward_ids(&ids, Some(&mut kv), Logits::Last)?;
+            tok = sampler.sample(&logits)?;
+        }
+        let decode = t.elapsed().as_secs_f64();
+        let later = tokens.len().saturating_sub(1).max(1) as f64;
+        Ok(Generated {
+            answer: self.dtok.decode(&tokens)?.trim().to_string(),
+            tokens,
+            times,
+            ttit: decode / later,
+            throughput: if decode > 0.0 { later / decode } else { 0.0 },
+            positions,
+            positions_full: prep.layout.num_positions(&vec![true; mask.len()]),
+        })
+    }
+}
+
+/// Perplexity-heuristic score of each chunk of one passage: the decoder's mean negative
+/// log-likelihood of the chunk's tokens given the passage so far (higher = harder).
+pub fn chunk_scores(
+    decoder: &Decoder,
+    dtok: &DecoderTokenizer,
+    chunks: &[Vec<u32>],
+) -> Result<Vec<f32>> {
+    let tokens: Vec<u32> = chunks.concat();
+    if tokens.is_empty() {
+        return Ok(vec![0.0; chunks.len()]);
+    }
+    let mut input = Vec::with_capacity(tokens.len() + 1);
+    input.extend(dtok.bos_id());
+    let offset = input.len();
+    input.extend_from_slice(&tokens);
+    let ids = Tensor::new(input, decoder.device())?.unsqueeze(0)?;
+    let logits = decoder.forward_ids(&ids, None, Logits::All)?.squeeze(0)?; // (T, V)
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    // nll[j] for token j of `tokens` (predicted at input position offset + j - 1).
+    let first = usize::from(offset == 0);
+    let n = tokens.len() - first;
+    let targets = Tensor::new(&tokens[first..], decoder.device())?.unsqueeze(1)?;
+    let rows = logp.narrow(0, offset + first - 1, n)?;
+    let nll: Vec<f32> = rows.gather(&targets, 1)?.squeeze(1)?.neg()?.to_vec1()?;
+    let mut out = Vec::with_capacity(chunks.len());
+    let mut at = 0usize;
+    for c in chunks {
+        let (lo, hi) = (
+            at.saturating_sub(first),
+            (at + c.len()).saturating_sub(first),
+        );
+        let s = &nll[lo.min(n)..hi.min(n)];
+        out.push(if s.is_empty() {
+            0.0
+        } else {
+            s.iter().sum::<f32>() / s.len() as f32
+        });
+        at += c.len();
+    }
+    Ok(out)
+}
+
+fn load_policy(
+    dir: &Path,
+    cfg: &RefragConfig,
+    decoder: &Decoder,
+    device: &Device,
+) -> Result<Policy> {
+    let pc = PolicyConfig {
+        d: decoder.hidden_size(),
+        hidden: cfg.policy_hidden.unwrap_or(256),
+    };
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
+    let policy = Policy::new(&pc, vb)?;
+    checkpoint::load_varmap_strict(&vars, &checkpoint::part_path(dir, "policy"), device)?;
+    Ok(policy)
+}
