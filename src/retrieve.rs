@@ -58,7 +58,9 @@ pub struct Hit {
     /// Rank (1-based) in the dense list, when the passage is in it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dense_rank: Option<usize>,
-    /// Rank (1-based) in the BM25 list, when the passage is in it.
+    /// Rank (1-based) in the BM25 list, when the passage is in it (in hybrid retrieval, the
+    /// list before the [`LEXICAL_MIN_RATIO`] cut: a hit below the cut shows its rank but got no
+    /// lexical share of its score).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lexical_rank: Option<usize>,
 }
@@ -373,7 +375,10 @@ mod tests {
         check_model(dir, &manifest, &a).unwrap();
         check_model(dir, &manifest, &a_copy).unwrap(); // same model, other path
         let e = format!("{:#}", check_model(dir, &manifest, &b).unwrap_err());
-        assert!(e.contains("/some/idx") && e.contains(a.name()) && e.contains(b.name()), "{e}");
+        assert!(
+            e.contains("/some/idx") && e.contains(a.name()) && e.contains(b.name()),
+            "{e}"
+        );
         assert!(!e.contains('\n'));
     }
 
