@@ -58,7 +58,9 @@ pub struct Hit {
     /// Rank (1-based) in the dense list, when the passage is in it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dense_rank: Option<usize>,
-    /// Rank (1-based) in the BM25 list, when the passage is in it.
+    /// Rank (1-based) in the BM25 list, when the passage is in it (in hybrid retrieval, the
+    /// list before the [`LEXICAL_MIN_RATIO`] cut: a hit below the cut shows its rank but got no
+    /// lexical share of its score).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lexical_rank: Option<usize>,
 }
