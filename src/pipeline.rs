@@ -357,31 +357,64 @@ pub fn chunk_scores(
     dtok: &DecoderTokenizer,
     chunks: &[Vec<u32>],
 ) -> Result<Vec<f32>> {
-    let tokens: Vec<u32> = chunks.concat();
-    if tokens.is_empty() {
-        return Ok(vec![0.0; chunks.len()]);
+    Ok(chunk_scores_batch(decoder, dtok, &[chunks.to_vec()])?.remove(0))
+}
+
+/// [`chunk_scores`] of several passages in one decoder pass (right-padded: the mask is causal,
+/// so padding after a passage does not change its scores).
+pub fn chunk_scores_batch(
+    decoder: &Decoder,
+    dtok: &DecoderTokenizer,
+    passages: &[Vec<Vec<u32>>],
+) -> Result<Vec<Vec<f32>>> {
+    let bos: Vec<u32> = dtok.bos_id().into_iter().collect();
+    let offset = bos.len();
+    let rows: Vec<Vec<u32>> = passages
+        .iter()
+        .map(|p| [bos.clone(), p.concat()].concat())
+        .collect();
+    let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+    if t <= 1 {
+        return Ok(passages.iter().map(|p| vec![0.0; p.len()]).collect());
     }
-    let mut input = Vec::with_capacity(tokens.len() + 1);
-    input.extend(dtok.bos_id());
-    let offset = input.len();
-    input.extend_from_slice(&tokens);
-    let ids = Tensor::new(input, decoder.device())?.unsqueeze(0)?;
-    let logits = decoder.forward_ids(&ids, None, Logits::All)?.squeeze(0)?; // (T, V)
+    let mut flat = Vec::with_capacity(rows.len() * t);
+    for r in &rows {
+        flat.extend_from_slice(r);
+        flat.resize(flat.len() + t - r.len(), 0);
+    }
+    let ids = Tensor::from_vec(flat, (rows.len(), t), decoder.device())?;
+    let logits = decoder.forward_ids(&ids, None, Logits::All)?; // (b, t, V)
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    // nll[j] for token j of `tokens` (predicted at input position offset + j - 1).
-    let first = usize::from(offset == 0);
-    let n = tokens.len() - first;
-    let targets = Tensor::new(&tokens[first..], decoder.device())?.unsqueeze(1)?;
-    let rows = logp.narrow(0, offset + first - 1, n)?;
-    let nll: Vec<f32> = rows.gather(&targets, 1)?.squeeze(1)?.neg()?.to_vec1()?;
+    // Row b, position i predicts rows[b][i + 1].
+    let mut targets = Vec::with_capacity(rows.len() * (t - 1));
+    for r in &rows {
+        targets.extend((1..t).map(|i| r.get(i).copied().unwrap_or(0)));
+    }
+    let targets = Tensor::from_vec(targets, (rows.len(), t - 1, 1), decoder.device())?;
+    let nll: Vec<Vec<f32>> = logp
+        .narrow(1, 0, t - 1)?
+        .contiguous()?
+        .gather(&targets, 2)?
+        .squeeze(2)?
+        .neg()?
+        .to_vec2()?;
+    Ok(passages
+        .iter()
+        .zip(&nll)
+        .map(|(chunks, row)| per_chunk_mean(chunks, row, offset))
+        .collect())
+}
+
+/// Mean of `nll` over each chunk's tokens; `nll[i]` is the loss of input token `i + 1`, and the
+/// passage's tokens start at input position `offset` (1 after a BOS, else 0, in which case the
+/// first token has no loss).
+fn per_chunk_mean(chunks: &[Vec<u32>], nll: &[f32], offset: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(chunks.len());
-    let mut at = 0usize;
+    let mut at = offset;
     for c in chunks {
-        let (lo, hi) = (
-            at.saturating_sub(first),
-            (at + c.len()).saturating_sub(first),
-        );
-        let s = &nll[lo.min(n)..hi.min(n)];
+        let lo = at.max(1) - 1;
+        let hi = at + c.len() - 1;
+        let s = &nll[lo.min(hi)..hi];
         out.push(if s.is_empty() {
             0.0
         } else {
@@ -389,7 +422,7 @@ pub fn chunk_scores(
         });
         at += c.len();
     }
-    Ok(out)
+    out
 }
 
 fn load_policy(

@@ -312,3 +312,22 @@ fn bad_flags_are_one_line_errors() {
     let o = f.generate("idx", &["--select", "policy"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs a trained policy"));
 }
+
+#[test]
+fn batched_chunk_scores_equal_one_by_one() {
+    let f = Fixture::new();
+    let r = load(f.dir.path());
+    let chunked: Vec<Vec<Vec<u32>>> = PASSAGES
+        .iter()
+        .map(|p| refrag::prompt::chunk_tokens(&r.dtok.encode(p, false).unwrap(), 5))
+        .collect();
+    let batch = refrag::pipeline::chunk_scores_batch(&r.decoder, &r.dtok, &chunked).unwrap();
+    for (chunks, got) in chunked.iter().zip(&batch) {
+        let one = refrag::pipeline::chunk_scores(&r.decoder, &r.dtok, chunks).unwrap();
+        assert_eq!(one.len(), chunks.len());
+        for (a, b) in one.iter().zip(got) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            assert!(*a > 0.0, "a chunk's mean NLL is positive");
+        }
+    }
+}
