@@ -120,9 +120,10 @@ impl Attention {
         // Grouped-query attention without copying K/V: the `rep` query heads that share one KV
         // head are stacked along the time axis.
         let rep = self.n_head / self.n_kv;
-        let q = q.reshape((b, self.n_kv, rep * t, self.head_dim))?;
+        // The 1/sqrt(hd) scale goes on q, the smaller tensor (t rows, not t x L scores).
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?; // (b, kv, rep * t, L)
+        let q = (q.reshape((b, self.n_kv, rep * t, self.head_dim))? * scale)?;
+        let att = q.matmul(&k.t()?)?; // (b, kv, rep * t, L)
         let in_dtype = att.dtype();
         let mut att = att.to_dtype(softmax_dtype(in_dtype))?;
         if let Some(mask) = s.mask {
