@@ -365,3 +365,34 @@ fn chat_parts_reproduce_the_smollm2_template() {
         assert_eq!(ids[0], 1);
     }
 }
+
+#[test]
+fn half_precision_runs_close_to_f32() {
+    // The GPU dtypes' code path (half weights, f32 softmax and logits), exercised on the CPU in
+    // f16 (the CPU has no bf16 matmul).
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_tiny_llama(dir.path(), 7).unwrap();
+    let files = hub::resolve(dir.path().to_str().unwrap()).unwrap();
+    let (m32, _) = Decoder::load(&files, &Device::Cpu, DType::F32).unwrap();
+    let (m16, _) = Decoder::load(&files, &Device::Cpu, DType::F16).unwrap();
+    assert_eq!(m16.dtype(), DType::F16);
+    let a = m32.forward_ids(&ids(&IDS), None, Logits::All).unwrap();
+    let mut cache = m16.new_cache(16);
+    let b = m16
+        .forward_ids(&ids(&IDS[..8]), Some(&mut cache), Logits::All)
+        .unwrap();
+    let c = m16
+        .forward_ids(&ids(&IDS[8..]), Some(&mut cache), Logits::All)
+        .unwrap();
+    assert_eq!(b.dtype(), DType::F32);
+    let b = Tensor::cat(&[b, c], 1).unwrap();
+    let scale = a
+        .abs()
+        .unwrap()
+        .max_keepdim(D::Minus1)
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let d = max_diff(&a, &b) / scale.to_scalar::<f32>().unwrap();
+    assert!(d < 0.05, "relative max diff {d}");
+}

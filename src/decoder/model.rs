@@ -116,13 +116,32 @@ impl Attention {
             Some((c, layer)) => c.append(layer, &k, &v)?, // (b, kv, L, hd)
             None => (k, v),
         };
+        // The CPU matmul reads the cache's strided views in place; other backends (not tested
+        // here) get contiguous copies, cheap next to their memory bandwidth.
+        let (k, v) = if k.device().is_cpu() {
+            (k, v)
+        } else {
+            (k.contiguous()?, v.contiguous()?)
+        };
+        let y = self.attend(&q, &k, &v, s)?; // (b, h, t, hd)
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_head * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+
+    /// Scaled dot-product attention of `q` (b, h, t, hd) over `k`, `v` (b, kv, L, hd), with the
+    /// step's causal mask; returns (b, h, t, hd).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, s: &Step) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
         let kv_len = k.dim(2)?;
         // Grouped-query attention without copying K/V: the `rep` query heads that share one KV
         // head are stacked along the time axis.
         let rep = self.n_head / self.n_kv;
-        let q = q.reshape((b, self.n_kv, rep * t, self.head_dim))?;
+        // The 1/sqrt(hd) scale goes on q, the smaller tensor (t rows, not t x L scores).
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?; // (b, kv, rep * t, L)
+        let q = (q.reshape((b, self.n_kv, rep * t, self.head_dim))? * scale)?;
+        let att = q.matmul(&k.t()?)?; // (b, kv, rep * t, L)
         let in_dtype = att.dtype();
         let mut att = att.to_dtype(softmax_dtype(in_dtype))?;
         if let Some(mask) = s.mask {
@@ -136,12 +155,9 @@ impl Attention {
         } else {
             candle_nn::ops::softmax_last_dim(&att)?
         };
-        let y = att.to_dtype(in_dtype)?.matmul(&v.contiguous()?)?; // (b, kv, rep * t, hd)
-        let y = y
-            .reshape((b, self.n_head, t, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, t, self.n_head * self.head_dim))?;
-        self.o_proj.forward(&y)
+        att.to_dtype(in_dtype)?
+            .matmul(v)? // (b, kv, rep * t, hd)
+            .reshape((b, self.n_head, t, self.head_dim))
     }
 }
 

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -236,12 +237,18 @@ pub fn build_bpe(
                 .with_context(|| format!("GGUF merge '{m}' is not two tokens"))
         })
         .collect::<Result<Vec<_>>>()?;
+    let family = pre_family(pre)?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
+        // Llama 3 looks whole pre-tokens up in the vocabulary before merging (HF and llama.cpp).
+        .ignore_merges(family == PreFamily::Llama3)
         .build()
         .map_err(anyhow::Error::msg)?;
     let mut tk = Tokenizer::new(bpe);
-    tk.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
+    if family == PreFamily::Qwen2 {
+        tk.with_normalizer(Some(NFC)); // as Qwen2's tokenizer.json
+    }
+    tk.with_pre_tokenizer(Some(pre_tokenizer(family)?));
     tk.with_decoder(Some(ByteLevelDecoder::default()));
     let special: Vec<AddedToken> = tokens
         .iter()
@@ -267,8 +274,31 @@ pub fn build_bpe(
     Ok(tk)
 }
 
-/// llama.cpp's pre-tokenizer for a `tokenizer.ggml.pre` name, as a `tokenizers` pre-tokenizer.
-fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
+/// The pre-tokenizers llama.cpp distinguishes, for the `tokenizer.ggml.pre` names we support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PreFamily {
+    /// GPT-2's regex.
+    Gpt2,
+    /// Every digit apart, then GPT-2's regex (SmolLM, StarCoder).
+    Digits,
+    /// Llama 3's regex (numbers in groups of up to three).
+    Llama3,
+    /// Qwen2's regex (single digits).
+    Qwen2,
+}
+
+fn pre_family(pre: &str) -> Result<PreFamily> {
+    Ok(match pre {
+        "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" => PreFamily::Gpt2,
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" => PreFamily::Digits,
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "dbrx" | "smaug-bpe" => PreFamily::Llama3,
+        "qwen2" | "stablelm2" => PreFamily::Qwen2,
+        other => bail!("GGUF tokenizer.ggml.pre '{other}' is not supported (gpt2, smollm, llama-bpe, qwen2 and their aliases are)"),
+    })
+}
+
+/// llama.cpp's pre-tokenizer for a family, as a `tokenizers` pre-tokenizer.
+fn pre_tokenizer(family: PreFamily) -> Result<PreTokenizerWrapper> {
     let byte_level = |regex: bool| ByteLevel::new(false, true, regex).into();
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
         Ok(Split::new(
@@ -279,16 +309,11 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
         .map_err(anyhow::Error::msg)?
         .into())
     };
-    Ok(match pre {
-        "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" => byte_level(true),
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" => {
-            Sequence::new(vec![Digits::new(true).into(), byte_level(true)]).into()
-        }
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "dbrx" | "smaug-bpe" => {
-            Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level(false)]).into()
-        }
-        "qwen2" | "stablelm2" => Sequence::new(vec![split(QWEN2_SPLIT)?, byte_level(false)]).into(),
-        other => bail!("GGUF tokenizer.ggml.pre '{other}' is not supported (gpt2, smollm, llama-bpe, qwen2 and their aliases are)"),
+    Ok(match family {
+        PreFamily::Gpt2 => byte_level(true),
+        PreFamily::Digits => Sequence::new(vec![Digits::new(true).into(), byte_level(true)]).into(),
+        PreFamily::Llama3 => Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level(false)]).into(),
+        PreFamily::Qwen2 => Sequence::new(vec![split(QWEN2_SPLIT)?, byte_level(false)]).into(),
     })
 }
 
@@ -316,5 +341,31 @@ fn special_token_text(tc: &serde_json::Value, key: &str) -> Option<String> {
             .get("content")
             .and_then(|c| c.as_str())
             .map(str::to_string),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    fn pieces(pre: &str, text: &str) -> Vec<String> {
+        let pt = pre_tokenizer(pre_family(pre).unwrap()).unwrap();
+        let mut s = PreTokenizedString::from(text);
+        pt.pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(p, _, _)| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn pre_tokenizers_split_numbers_like_llama_cpp() {
+        assert_eq!(pieces("smollm", "in 2024"), ["in", "Ġ", "2", "0", "2", "4"]);
+        assert_eq!(pieces("gpt2", "in 2024"), ["in", "Ġ2024"]);
+        assert_eq!(pieces("llama-bpe", "in 12345"), ["in", "Ġ", "123", "45"]);
+        assert_eq!(pieces("qwen2", "in 123"), ["in", "Ġ", "1", "2", "3"]);
+        assert_eq!(pieces("llama-bpe", "I'M here"), ["I", "'M", "Ġhere"]);
+        assert!(pre_family("bloom").is_err());
     }
 }
