@@ -13,6 +13,7 @@ pub mod decoder;
 pub mod device;
 pub mod embed;
 pub mod encoder;
+pub mod eval;
 pub mod hub;
 pub mod index;
 pub mod jsonio;
