@@ -4,6 +4,7 @@
 //! `embed` (retrieval embeddings), `index` and `retrieve` (FAISS + BM25, fused), then the
 //! compression stages, and `commands` (one function per subcommand).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod chunk_cache;
 pub mod cli;
