@@ -36,6 +36,10 @@ pub enum Command {
     /// Write the synthetic data set (corpora, QA pairs, CPT items) deterministically.
     #[command(name = "make_corpus", alias = "make-corpus")]
     MakeCorpus(MakeCorpusArgs),
+    /// Answer quality and latency of no-context, full-context and REFRAG selections, side by side.
+    Eval(EvalArgs),
+    /// Time to first token of REFRAG against the full-context baseline over context lengths.
+    Bench(BenchArgs),
 }
 
 /// Where to run: `auto` picks CUDA, then Metal, then the CPU.
@@ -303,4 +307,106 @@ pub struct MakeCorpusArgs {
     /// Allow writing into an existing directory that already holds data files.
     #[arg(long)]
     pub force: bool,
+}
+
+/// One way `eval` answers a question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvalMode {
+    /// The same template with zero passages.
+    NoContext,
+    /// Every chunk expanded (p = 1): the ordinary full-context RAG input.
+    Full,
+    /// REFRAG, expanding the chunks the perplexity heuristic picks.
+    Heuristic,
+    /// REFRAG, expanding chunks at random.
+    Random,
+    /// REFRAG, expanding the chunks the trained policy picks (needs --load_dir with a policy).
+    Policy,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// JSONL of question/answer pairs (`id`, `question`, `answers`).
+    #[arg(long = "rag_json", alias = "rag-json")]
+    pub rag_json: PathBuf,
+    #[command(flatten)]
+    pub retrieve: RetrieveArgs,
+    #[command(flatten)]
+    pub embed: EmbedModelArg,
+    #[command(flatten)]
+    pub models: EncDecArgs,
+    #[command(flatten)]
+    pub compress: CompressArgs,
+    /// Modes to compare, comma-separated [default: all; policy only when --load_dir has one].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub modes: Vec<EvalMode>,
+    /// Evaluate only the first N questions.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Maximum new tokens per answer (greedy decoding).
+    #[arg(long = "max_new", alias = "max-new", default_value_t = 24)]
+    pub max_new: usize,
+    /// Where to write the JSON report (the markdown table goes to stdout).
+    #[arg(long, default_value = "runs/eval.json")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// Which chunk-cache settings `bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheArg {
+    /// Both: chunk vectors precomputed, and encoded inside TTFT.
+    Both,
+    /// Chunk encoder vectors precomputed outside the timed region (as the index's cache holds them).
+    On,
+    /// Chunk encoding inside TTFT.
+    Off,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Text file, one passage per line, that the contexts are cut from.
+    #[arg(long, default_value = "data/corpus_large.txt")]
+    pub corpus: PathBuf,
+    #[command(flatten)]
+    pub models: EncDecArgs,
+    /// Directory with trained weights (encoder, projector) and its config.json.
+    #[arg(long = "load_dir", alias = "load-dir")]
+    pub load_dir: Option<PathBuf>,
+    /// Context lengths in decoder tokens, comma-separated (those the decoder cannot hold are skipped).
+    #[arg(long, value_delimiter = ',', default_values_t = [512usize, 1024, 2048, 4096, 8192])]
+    pub contexts: Vec<usize>,
+    /// Decoder tokens per chunk, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [8usize, 16, 32])]
+    pub ks: Vec<usize>,
+    /// Fractions of chunks expanded on the REFRAG side, comma-separated (0 = the paper's headline
+    /// full compression; 0.25 = generate's default).
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0f64, 0.25])]
+    pub p: Vec<f64>,
+    /// Chunk-cache settings to measure.
+    #[arg(long, value_enum, default_value_t = CacheArg::Both)]
+    pub cache: CacheArg,
+    /// Untimed runs per cell before measuring.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed runs per cell; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Tokens decoded after the first (for TTIT and throughput; EOS does not stop them).
+    #[arg(long = "max_new", alias = "max-new", default_value_t = 8)]
+    pub max_new: usize,
+    /// The question placed after the passages.
+    #[arg(long, default_value = "Which river flows through City_10000?")]
+    pub question: String,
+    /// Peak f32 GFLOP/s of this machine, for the fraction-of-peak column [default: 2 cores of
+    /// AVX2 with two FMA units at ~2.45 GHz].
+    #[arg(long = "peak_gflops", alias = "peak-gflops", default_value_t = 157.0)]
+    pub peak_gflops: f64,
+    /// Output directory: bench.json, meta.json and ttft.svg.
+    #[arg(long = "out_dir", alias = "out-dir", default_value = "runs/bench")]
+    pub out_dir: PathBuf,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }

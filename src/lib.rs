@@ -4,6 +4,7 @@
 //! `embed` (retrieval embeddings), `index` and `retrieve` (FAISS + BM25, fused), then the
 //! compression stages, and `commands` (one function per subcommand).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod chunk_cache;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod decoder;
 pub mod device;
 pub mod embed;
 pub mod encoder;
+pub mod eval;
 pub mod hub;
 pub mod index;
 pub mod jsonio;

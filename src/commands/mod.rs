@@ -4,6 +4,8 @@ use anyhow::{bail, Result};
 
 use crate::cli::Command;
 
+pub mod bench;
+pub mod eval;
 pub mod generate;
 pub mod index;
 pub mod make_corpus;
@@ -20,6 +22,8 @@ pub fn run(command: Command) -> Result<()> {
         Command::CptNext(_) => not_yet("cpt_next"),
         Command::Sft(_) => not_yet("sft"),
         Command::TrainPolicy(_) => not_yet("train_policy"),
+        Command::Eval(a) => eval::run(&a),
+        Command::Bench(a) => bench::run(&a),
     }
 }
 

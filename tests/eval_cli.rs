@@ -1,0 +1,235 @@
+//! `refrag eval` end to end: the real binary on a tiny random BERT (retrieval and chunk encoder)
+//! and a tiny random Llama (decoder), in a fresh temporary directory. Checks the JSON report's
+//! fields, that p = 1 gives exactly the full-context answers and positions, that p < 1
+//! compresses, and that bad flags fail in one line.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn refrag(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_refrag"))
+        .args(args)
+        .output()
+        .expect("running refrag")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A scratch directory with `bert/`, `dec/`, a corpus of entity passages, its QA pairs, and an
+/// index `idx` (no chunk cache) plus `idx_cached` (chunk cache for `dec`, k = 4).
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        refrag::testing::bert::write_tiny_bert(&dir.path().join("bert"), 1, Some("mean")).unwrap();
+        refrag::testing::llama::write_tiny_llama(&dir.path().join("dec"), 3).unwrap();
+        let f = Self { dir };
+        let (mut corpus, mut qa) = (String::new(), String::new());
+        for i in 0..10 {
+            let city = 10_000 + i;
+            let river = 400 + 7 * i;
+            corpus.push_str(&format!("TITLE: Atlas Entry — City_{city}. City_{city} lies on the banks of River_{river} and was founded in {}.\n", 1500 + i));
+            qa.push_str(&format!("{{\"id\":\"q{i}\",\"question\":\"Which river flows through City_{city}?\",\"answers\":[\"River_{river}\"]}}\n"));
+        }
+        std::fs::write(f.path("corpus.txt"), corpus).unwrap();
+        std::fs::write(f.path("qa.jsonl"), qa).unwrap();
+        let (c, b, d) = (f.s("corpus.txt"), f.s("bert"), f.s("dec"));
+        for (idx, extra) in [
+            ("idx", vec![]),
+            ("idx_cached", vec!["--enc", &b, "--dec", &d, "--k", "4"]),
+        ] {
+            let i = f.s(idx);
+            let mut args = vec![
+                "index",
+                "--corpus",
+                &c,
+                "--index_dir",
+                &i,
+                "--embed_model",
+                &b,
+                "--quiet",
+            ];
+            args.extend(extra);
+            let o = refrag(&args);
+            assert!(o.status.success(), "index: {}", stderr(&o));
+        }
+        f
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn s(&self, rel: &str) -> String {
+        self.path(rel).to_string_lossy().into_owned()
+    }
+
+    /// Run eval on `idx` writing `out`; `extra` flags after the common ones.
+    fn eval(&self, idx: &str, out: &str, extra: &[&str]) -> Output {
+        let (q, i, b, d, o) = (
+            self.s("qa.jsonl"),
+            self.s(idx),
+            self.s("bert"),
+            self.s("dec"),
+            self.s(out),
+        );
+        let mut args = vec![
+            "eval",
+            "--rag_json",
+            &q,
+            "--index_dir",
+            &i,
+            "--embed_model",
+            &b,
+            "--enc",
+            &b,
+            "--dec",
+            &d,
+            "--k",
+            "4",
+            "--topk",
+            "2",
+            "--max_new",
+            "4",
+            "--out",
+            &o,
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        refrag(&args)
+    }
+
+    fn report(&self, out: &str) -> Value {
+        serde_json::from_slice(&std::fs::read(self.path(out)).unwrap()).unwrap()
+    }
+}
+
+/// The results of `mode` in question record `q`.
+fn result<'a>(q: &'a Value, mode: &str) -> &'a Value {
+    q["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["mode"] == mode)
+        .unwrap_or_else(|| panic!("no {mode} in {q}"))
+}
+
+fn summary<'a>(report: &'a Value, mode: &str) -> &'a Value {
+    report["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mode"] == mode)
+        .unwrap_or_else(|| panic!("no {mode} summary"))
+}
+
+#[test]
+fn p_one_equals_full_context_and_p_below_one_compresses() {
+    let f = Fixture::new();
+    let o = f.eval("idx", "p1.json", &["--p", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    for mode in ["no-context", "full", "heuristic", "random"] {
+        assert!(table.contains(&format!("| {mode} |")), "{table}");
+    }
+    assert!(table.contains("recall@2"), "{table}");
+    let r = f.report("p1.json");
+    assert_eq!(r["n"], 10);
+    let recall = r["recall_at_topk"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&recall));
+    assert_eq!(r["config"]["chunk_cache"], false);
+    for q in r["questions"].as_array().unwrap() {
+        let full = result(q, "full");
+        assert_eq!(full["positions"], q["positions_full"]);
+        for mode in ["heuristic", "random"] {
+            let x = result(q, mode);
+            assert_eq!(x["answer"], full["answer"], "{mode}: {q}");
+            assert_eq!(x["positions"], full["positions"], "{mode}");
+            assert_eq!(x["expanded"], x["chunks"]);
+        }
+        let none = result(q, "no-context");
+        assert!(none["positions"].as_u64() < full["positions"].as_u64());
+        for x in q["results"].as_array().unwrap() {
+            assert!(x["em"] == 0.0 || x["em"] == 1.0);
+            assert!((0.0..=1.0).contains(&x["f1"].as_f64().unwrap()));
+            assert!(x["ttft"].as_f64().unwrap() > 0.0);
+        }
+    }
+    for mode in ["full", "heuristic", "random"] {
+        let m = summary(&r, mode);
+        assert_eq!(m["compression"], 1.0, "{mode}");
+        assert_eq!(m["p"], 1.0);
+        assert!(m["ttft_median"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(summary(&r, "no-context")["compression"], Value::Null);
+    assert_eq!(summary(&r, "full")["speedup_vs_full"], 1.0);
+}
+
+#[test]
+fn compressed_modes_with_the_chunk_cache() {
+    let f = Fixture::new();
+    let o = f.eval(
+        "idx_cached",
+        "p0.json",
+        &[
+            "--p",
+            "0.25",
+            "--limit",
+            "3",
+            "--modes",
+            "full,heuristic,random",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = f.report("p0.json");
+    assert_eq!(r["n"], 3);
+    assert_eq!(r["config"]["chunk_cache"], true);
+    assert_eq!(r["modes"].as_array().unwrap().len(), 3);
+    for mode in ["heuristic", "random"] {
+        let m = summary(&r, mode);
+        assert!(m["compression"].as_f64().unwrap() > 1.0, "{mode}: {m}");
+        assert!(m["positions_mean"].as_f64() < m["positions_full_mean"].as_f64());
+        // Cached: neither the encoder nor the decoder runs over the passages before prefill.
+        let b = &m["ttft_breakdown_mean"];
+        assert!(b["encoding"].as_f64().unwrap() < m["ttft_mean"].as_f64().unwrap());
+    }
+    for q in r["questions"].as_array().unwrap() {
+        let x = result(q, "heuristic");
+        let chunks = x["chunks"].as_u64().unwrap();
+        assert_eq!(x["expanded"], (chunks as f64 * 0.25).round() as u64);
+        assert!(q["results"].as_array().unwrap().len() == 3);
+    }
+}
+
+#[test]
+fn bad_flags_fail_in_one_line() {
+    let f = Fixture::new();
+    for (extra, needle) in [
+        (vec!["--modes", "policy"], "--modes policy"),
+        (vec!["--select", "random"], "--select"),
+        (vec!["--p", "2"], "--p"),
+        (vec!["--limit", "0"], "--limit"),
+    ] {
+        let o = f.eval("idx", "bad.json", &extra);
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        let err: Vec<String> = stderr(&o)
+            .lines()
+            .filter(|l| !l.starts_with("refrag: device") && !l.contains("untrained"))
+            .map(String::from)
+            .collect();
+        assert_eq!(err.len(), 1, "{extra:?}: {err:?}");
+        assert!(err[0].contains(needle), "{extra:?}: {err:?}");
+    }
+    assert!(!f.path("bad.json").exists());
+    let q = f.s("missing.jsonl");
+    let o = refrag(&["eval", "--rag_json", &q, "--index_dir", "x", "--quiet"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("missing.jsonl"), "{}", stderr(&o));
+}
