@@ -25,67 +25,116 @@ pub use gguf::{permute_qk, unpermute_qk};
 pub use model::{Decoder, Logits};
 pub use tokenizer::{build_bpe, DecoderTokenizer};
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::hub::{self, ModelFiles};
 
+/// A decoder before it is built: its config, its weights under Hugging Face names, its
+/// tokenizer. For a trainable decoder, build `Decoder::new` on a `VarMap` and copy `weights` into
+/// it (`VarMap::set_one`).
+pub struct DecoderParts {
+    pub config: DecoderConfig,
+    pub weights: HashMap<String, Tensor>,
+    pub tokenizer: DecoderTokenizer,
+}
+
 impl Decoder {
     /// Load a decoder and its tokenizer from a Hugging Face folder or a GGUF file, weights in
-    /// `dtype` on `device` (f32 on CPU; bf16/f16 on GPUs, see `device::compute_dtype`).
+    /// `dtype` on `device` (f32 on CPU; bf16/f16 on GPUs, see `device::compute_dtype`). HF
+    /// safetensors are memory-mapped; GGUF tensors are dequantized.
     pub fn load(
         files: &ModelFiles,
         device: &Device,
         dtype: DType,
     ) -> Result<(Decoder, DecoderTokenizer)> {
-        match files {
-            ModelFiles::Hf {
-                config,
-                weights,
-                tokenizer,
-                ..
-            } => {
-                let text = std::fs::read_to_string(config)
-                    .with_context(|| format!("reading {}", config.display()))?;
-                let cfg = DecoderConfig::from_hf_json(&text)
-                    .with_context(|| format!("in {}", config.display()))?;
-                cfg.validate()?;
+        let (config, tokenizer, vb) = match files {
+            ModelFiles::Hf { weights, .. } => {
+                let (config, tokenizer) = hf_config_and_tokenizer(files)?;
                 // SAFETY: the safetensors files are memory-mapped read-only; nothing else in
                 // this process writes to them while the decoder lives.
                 let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device)? };
-                let decoder = Decoder::new(&cfg, vb)
-                    .with_context(|| format!("loading decoder weights of '{}'", files.name()))?;
-                let tok = DecoderTokenizer::from_hf(
-                    tokenizer,
-                    |name| hub::sibling(files, name),
-                    cfg.bos_token_id,
-                    &cfg.eos_token_ids,
-                )?;
-                Ok((with_eos(decoder, &tok), tok))
+                (config, tokenizer, vb)
             }
-            ModelFiles::Gguf { path, .. } => {
-                let mut g = gguf::GgufFile::open(path)?;
-                let mut cfg =
-                    gguf::config_from_gguf(&g).with_context(|| format!("in {}", path.display()))?;
-                cfg.validate()?;
-                let (tensors, factors) = gguf::tensors_from_gguf(&mut g, &cfg, device, dtype)
-                    .with_context(|| format!("in {}", path.display()))?;
-                cfg.rope_scaling = factors;
-                let tok = DecoderTokenizer::from_gguf(g.metadata())
-                    .with_context(|| format!("tokenizer of {}", path.display()))?;
-                let vb = VarBuilder::from_tensors(tensors, dtype, device);
-                let decoder = Decoder::new(&cfg, vb)
-                    .with_context(|| format!("loading decoder weights of {}", path.display()))?;
-                Ok((with_eos(decoder, &tok), tok))
+            ModelFiles::Gguf { .. } => {
+                let parts = load_parts(files, device, dtype)?;
+                let vb = VarBuilder::from_tensors(parts.weights, dtype, device);
+                (parts.config, parts.tokenizer, vb)
             }
-        }
+        };
+        let decoder = Decoder::new(&config, vb)
+            .with_context(|| format!("loading the decoder weights of '{}'", files.name()))?;
+        Ok((decoder, tokenizer))
     }
 }
 
-/// Record the tokenizer's full EOS set (config eos plus end of turn) in the decoder's config, so
-/// a saved config names every stop id.
-fn with_eos(mut decoder: Decoder, tok: &DecoderTokenizer) -> Decoder {
-    decoder.set_eos_token_ids(tok.eos_ids().to_vec());
-    decoder
+/// Config, weights (all read into memory, in `dtype` on `device`) and tokenizer of a Hugging
+/// Face folder or a GGUF file.
+pub fn load_parts(files: &ModelFiles, device: &Device, dtype: DType) -> Result<DecoderParts> {
+    match files {
+        ModelFiles::Hf { weights: paths, .. } => {
+            let (config, tokenizer) = hf_config_and_tokenizer(files)?;
+            let mut weights = HashMap::new();
+            for p in paths {
+                let ts = candle_core::safetensors::load(p, device)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                for (name, t) in ts {
+                    weights.insert(name, t.to_dtype(dtype)?);
+                }
+            }
+            Ok(DecoderParts {
+                config,
+                weights,
+                tokenizer,
+            })
+        }
+        ModelFiles::Gguf { path, .. } => gguf_parts(path, device, dtype),
+    }
+}
+
+/// `config.json` and the tokenizer files of a Hugging Face folder. The config's EOS ids become
+/// the tokenizer's full set (config, `tokenizer_config.json`, `generation_config.json`, end of
+/// turn).
+fn hf_config_and_tokenizer(files: &ModelFiles) -> Result<(DecoderConfig, DecoderTokenizer)> {
+    let ModelFiles::Hf {
+        config, tokenizer, ..
+    } = files
+    else {
+        anyhow::bail!("'{}' is not a Hugging Face folder", files.name());
+    };
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let mut cfg =
+        DecoderConfig::from_hf_json(&text).with_context(|| format!("in {}", config.display()))?;
+    cfg.validate()?;
+    let tok = DecoderTokenizer::from_hf(
+        tokenizer,
+        |name| hub::sibling(files, name),
+        cfg.bos_token_id,
+        &cfg.eos_token_ids,
+    )?;
+    cfg.eos_token_ids = tok.eos_ids().to_vec();
+    Ok((cfg, tok))
+}
+
+fn gguf_parts(path: &Path, device: &Device, dtype: DType) -> Result<DecoderParts> {
+    let in_file = || format!("in {}", path.display());
+    let mut g = gguf::GgufFile::open(path)?;
+    let mut config = gguf::config_from_gguf(&g).with_context(in_file)?;
+    config.validate().with_context(in_file)?;
+    let (weights, factors) =
+        gguf::tensors_from_gguf(&mut g, &config, device, dtype).with_context(in_file)?;
+    config.rope_scaling = factors;
+    let tokenizer = DecoderTokenizer::from_gguf(g.metadata())
+        .with_context(|| format!("tokenizer of {}", path.display()))?;
+    config.eos_token_ids = tokenizer.eos_ids().to_vec();
+    Ok(DecoderParts {
+        config,
+        weights,
+        tokenizer,
+    })
 }

@@ -279,10 +279,6 @@ impl Decoder {
         &self.cfg
     }
 
-    pub(crate) fn set_eos_token_ids(&mut self, ids: Vec<u32>) {
-        self.cfg.eos_token_ids = ids;
-    }
-
     pub fn device(&self) -> &Device {
         &self.device
     }
