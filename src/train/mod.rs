@@ -7,13 +7,18 @@
 //! - `vars`: trainable copies of models from safetensors (strict names and shapes);
 //! - `bert`, `encoder`: the differentiable chunk encoder + projector;
 //! - `parts`: the decoder (frozen or trainable) and checkpoint writing;
-//! - `seq`: teacher-forced sequences over a `PromptLayout`, the unit of every loss.
+//! - `seq`: teacher-forced sequences over a `PromptLayout`, the unit of every loss;
+//! - `cpt`, `qa`, `sft`, `policy`: the tasks.
 
 pub mod bert;
+pub mod cpt;
 pub mod encoder;
 pub mod optim;
 pub mod parts;
+pub mod policy;
+pub mod qa;
 pub mod run;
 pub mod schedule;
 pub mod seq;
+pub mod sft;
 pub mod vars;
