@@ -29,7 +29,7 @@ pub enum Command {
     #[command(name = "cpt_next", alias = "cpt-next")]
     CptNext(CptArgs),
     /// Supervised fine-tuning on question/answer pairs with compressed retrieved context.
-    Sft(TrainPolicyArgs),
+    Sft(SftArgs),
     /// Train the selective-expansion policy with REINFORCE.
     #[command(name = "train_policy", alias = "train-policy")]
     TrainPolicy(TrainPolicyArgs),
@@ -232,18 +232,44 @@ pub struct TrainArgs {
     /// Optimiser steps.
     #[arg(long, default_value_t = 300)]
     pub steps: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-5)]
-    pub lr: f64,
+    /// Peak learning rate [default: 2e-4 cpt_recon, 5e-5 cpt_next, 2e-5 sft, 1e-4 train_policy].
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Log every N steps.
     #[arg(long = "log_every", alias = "log-every", default_value_t = 20)]
     pub log_every: usize,
-    /// Output directory for checkpoints, config.json and the training log.
+    /// Output directory for checkpoints, config.json and the training log [default: runs/<command>].
     #[arg(long = "out_dir", alias = "out-dir")]
     pub out_dir: Option<PathBuf>,
-    /// Continue from the last checkpoint in --out_dir.
+    /// Continue from the last checkpoint in --out_dir (same schedule: step counter, learning rate,
+    /// per-step batches and AdamW moments continue).
     #[arg(long)]
     pub resume: bool,
+    /// Start afresh even if --out_dir already holds a checkpoint (it is overwritten).
+    #[arg(long)]
+    pub force: bool,
+    /// Warm-up steps of the learning rate [default: 5% of --steps, at least 1].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Training examples (questions for train_policy) per optimiser step.
+    #[arg(long = "batch_size", alias = "batch-size", default_value_t = 2)]
+    pub batch_size: usize,
+    /// Examples per forward/backward pass; gradients are accumulated over the batch.
+    #[arg(long = "micro_batch", alias = "micro-batch", default_value_t = 1)]
+    pub micro_batch: usize,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// AdamW weight decay (matrices only).
+    #[arg(long = "weight_decay", alias = "weight-decay", default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Checkpoint every N steps (0 = only at the end; always at the end and on Ctrl-C).
+    #[arg(long = "save_every", alias = "save-every", default_value_t = 100)]
+    pub save_every: usize,
+    /// Held-out items (the last N of the data file) evaluated at the start and the end; 0 = no
+    /// evaluation.
+    #[arg(long = "eval_items", alias = "eval-items", default_value_t = 16)]
+    pub eval_items: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -265,6 +291,26 @@ pub struct CptArgs {
     /// Keep the decoder frozen in cpt_next.
     #[arg(long = "freeze_dec", alias = "freeze-dec")]
     pub freeze_dec: bool,
+    /// Learning rate of the decoder when it trains (cpt_next) [default: --lr / 5].
+    #[arg(long = "dec_lr", alias = "dec-lr")]
+    pub dec_lr: Option<f64>,
+    /// Most chunks reconstructed together in cpt_recon (the default curriculum grows 1, 2, 4, ..
+    /// up to this).
+    #[arg(long = "max_chunks", alias = "max-chunks", default_value_t = 8)]
+    pub max_chunks: usize,
+    /// cpt_recon curriculum: stages separated by ';', each 'chunks:weight,...' (e.g.
+    /// '1:1;1:1,2:2;1:1,2:2,4:4'); stages split --steps evenly [default: from --max_chunks].
+    #[arg(long)]
+    pub curriculum: Option<String>,
+    /// Chunk encoder pooling for a fresh encoder (cpt_recon); a --load_dir fixes its own.
+    #[arg(long, value_parser = ["cls", "mean"])]
+    pub pooling: Option<String>,
+    /// Cap on the context tokens `s` of each item (cpt_next) [default: the item's split].
+    #[arg(long)]
+    pub s: Option<usize>,
+    /// Cap on the continuation tokens `o` of each item (cpt_next) [default: the item's split].
+    #[arg(long)]
+    pub o: Option<usize>,
     #[command(flatten)]
     pub train: TrainArgs,
     #[command(flatten)]
@@ -287,6 +333,41 @@ pub struct TrainPolicyArgs {
     /// Hidden width of the policy network.
     #[arg(long = "policy_hidden", alias = "policy-hidden", default_value_t = 256)]
     pub policy_hidden: usize,
+    /// Expansion sets sampled per question (their mean reward is the baseline).
+    #[arg(long, default_value_t = 4)]
+    pub group: usize,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SftArgs {
+    /// JSONL of question/answer pairs (`question`, `answers`; the first answer is the target).
+    #[arg(long = "rag_json", alias = "rag-json")]
+    pub rag_json: PathBuf,
+    #[command(flatten)]
+    pub retrieve: RetrieveArgs,
+    #[command(flatten)]
+    pub embed: EmbedModelArg,
+    #[command(flatten)]
+    pub models: EncDecArgs,
+    /// Decoder tokens per chunk.
+    #[arg(long, default_value_t = 16)]
+    pub k: usize,
+    /// Cap on context tokens (decoder tokens of retrieved passages) before compression.
+    #[arg(long = "ctx_max", alias = "ctx-max", default_value_t = 2048)]
+    pub ctx_max: usize,
+    /// Weights to start from (the cpt_next output).
+    #[arg(long = "load_dir", alias = "load-dir")]
+    pub load_dir: Option<PathBuf>,
+    /// Keep the decoder frozen.
+    #[arg(long = "freeze_dec", alias = "freeze-dec")]
+    pub freeze_dec: bool,
+    /// Learning rate of the decoder [default: --lr].
+    #[arg(long = "dec_lr", alias = "dec-lr")]
+    pub dec_lr: Option<f64>,
     #[command(flatten)]
     pub train: TrainArgs,
     #[command(flatten)]

@@ -6,7 +6,8 @@
 //! - `config`: hyper-parameters from `config.json` or GGUF metadata;
 //! - `gguf`: GGUF tensors dequantized, renamed and un-permuted to the HF layout;
 //! - `tokenizer`, `chat`: the tokenizer (also rebuilt from GGUF metadata) and the chat template
-//!   reduced to the text before and after the user message.
+//!   reduced to the text before and after the user message;
+//! - `weights`: every weight as a tensor (for training) and loading a trained decoder back.
 //!
 //! `Decoder::load` takes any resolved model (`hub::ModelFiles`): a Hugging Face folder of
 //! safetensors or a GGUF file (dequantized to `dtype`).
@@ -17,6 +18,7 @@ mod config;
 mod gguf;
 mod model;
 mod tokenizer;
+mod weights;
 
 pub use cache::KvCache;
 pub use chat::ChatTemplate;
@@ -24,6 +26,7 @@ pub use config::{Arch, DecoderConfig, RopeScaling};
 pub use gguf::{permute_qk, unpermute_qk};
 pub use model::{Decoder, Logits};
 pub use tokenizer::{build_bpe, DecoderTokenizer};
+pub use weights::{load_tokenizer, load_trained};
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -27,6 +27,7 @@ pub mod retrieve;
 pub mod sample;
 pub mod select;
 pub mod testing;
+pub mod train;
 
 /// Version plus the compiled cargo features, for `refrag --version`.
 pub const VERSION_LONG: &str = concat!(

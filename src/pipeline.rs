@@ -99,12 +99,15 @@ impl Refrag {
             if c.decoder_model != dec {
                 bail!("--dec {dec} differs from the decoder the weights in --load_dir were trained with ({})", c.decoder_model);
             }
-            if c.has("decoder") {
-                bail!("--load_dir holds trained decoder weights; loading them is not supported by this version");
-            }
         }
         let files = crate::hub::resolve(dec)?;
-        let (decoder, dtok) = Decoder::load(&files, device, crate::device::compute_dtype(device))?;
+        let dtype = crate::device::compute_dtype(device);
+        let (decoder, dtok) = match (load_dir, &cfg) {
+            (Some(dir), Some(c)) if c.has("decoder") => {
+                load_trained_decoder(&files, dir, device, dtype)?
+            }
+            _ => Decoder::load(&files, device, dtype)?,
+        };
         let encoder = ChunkEncoder::load(enc, load_dir, &decoder, seed, device)?;
         let policy = match (load_dir, &cfg) {
             (Some(dir), Some(c)) if c.has("policy") => Some(load_policy(dir, c, &decoder, device)?),
@@ -423,6 +426,23 @@ fn per_chunk_mean(chunks: &[Vec<u32>], nll: &[f32], offset: usize) -> Vec<f32> {
         at += c.len();
     }
     out
+}
+
+/// The trained decoder of a weights directory: `decoder.safetensors` (every weight, HF names)
+/// with `decoder_config.json`, the tokenizer from the base model `files`.
+fn load_trained_decoder(
+    files: &crate::hub::ModelFiles,
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<(Decoder, DecoderTokenizer)> {
+    crate::decoder::load_trained(
+        files,
+        &dir.join("decoder_config.json"),
+        &checkpoint::part_path(dir, "decoder"),
+        device,
+        dtype,
+    )
 }
 
 fn load_policy(

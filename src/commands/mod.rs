@@ -1,6 +1,6 @@
 //! One function per subcommand. `main` parses the command line and calls [`run`].
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::cli::Command;
 
@@ -10,6 +10,7 @@ pub mod generate;
 pub mod index;
 pub mod make_corpus;
 pub mod search;
+pub mod train;
 
 /// Run one subcommand.
 pub fn run(command: Command) -> Result<()> {
@@ -18,16 +19,11 @@ pub fn run(command: Command) -> Result<()> {
         Command::Search(a) => search::run(&a),
         Command::MakeCorpus(a) => make_corpus::run(&a),
         Command::Generate(a) => generate::run(&a),
-        Command::CptRecon(_) => not_yet("cpt_recon"),
-        Command::CptNext(_) => not_yet("cpt_next"),
-        Command::Sft(_) => not_yet("sft"),
-        Command::TrainPolicy(_) => not_yet("train_policy"),
+        Command::CptRecon(a) => train::run_cpt(&a, crate::train::cpt::CptMode::Recon),
+        Command::CptNext(a) => train::run_cpt(&a, crate::train::cpt::CptMode::Next),
+        Command::Sft(a) => train::run_sft(&a),
+        Command::TrainPolicy(a) => train::run_policy(&a),
         Command::Eval(a) => eval::run(&a),
         Command::Bench(a) => bench::run(&a),
     }
-}
-
-/// A subcommand that parses but is not implemented in this build.
-fn not_yet(name: &str) -> Result<()> {
-    bail!("{name} is not implemented yet in this version of refrag (its flags parse; the command itself is still being built)")
 }

@@ -8,7 +8,10 @@
 //! kernels do not back-propagate. The slow path is chosen automatically when the input tracks
 //! gradients or the weights are trainable variables.
 
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, DType, Device, IndexOp, Layout, MetalStorage, Module,
+    Result, Shape, Tensor, D,
+};
 use candle_nn::{linear_b, Embedding, Init, Linear, VarBuilder};
 
 use super::cache::KvCache;
@@ -109,9 +112,9 @@ impl Attention {
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let q = self.rope(&self.heads(self.q_proj.forward(x)?, self.n_head)?, s)?; // (b, h, t, hd)
-        let k = self.rope(&self.heads(self.k_proj.forward(x)?, self.n_kv)?, s)?; // (b, kv, t, hd)
-        let v = self.heads(self.v_proj.forward(x)?, self.n_kv)?; // (b, kv, t, hd)
+        let q = self.rope(&self.heads(linear(&self.q_proj, x)?, self.n_head)?, s)?; // (b, h, t, hd)
+        let k = self.rope(&self.heads(linear(&self.k_proj, x)?, self.n_kv)?, s)?; // (b, kv, t, hd)
+        let v = self.heads(linear(&self.v_proj, x)?, self.n_kv)?; // (b, kv, t, hd)
         let (k, v) = match cache {
             Some((c, layer)) => c.append(layer, &k, &v)?, // (b, kv, L, hd)
             None => (k, v),
@@ -127,7 +130,7 @@ impl Attention {
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.n_head * self.head_dim))?;
-        self.o_proj.forward(&y)
+        linear(&self.o_proj, &y)
     }
 
     /// Scaled dot-product attention of `q` (b, h, t, hd) over `k`, `v` (b, kv, L, hd), with the
@@ -179,8 +182,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+        let g = candle_nn::ops::silu(&linear(&self.gate_proj, x)?)?;
+        linear(&self.down_proj, &(g * linear(&self.up_proj, x)?)?)
     }
 }
 
@@ -351,9 +354,7 @@ impl Decoder {
             Logits::Last => h.i((.., t - 1, ..))?.contiguous()?, // (b, d)
         };
         let h = self.norm.forward(&h, step.grad)?;
-        self.lm_head
-            .forward(&h)?
-            .to_dtype(softmax_dtype(self.dtype))
+        linear(&self.lm_head, &h)?.to_dtype(softmax_dtype(self.dtype))
     }
 
     /// `forward_embeds` on `embed(ids)`; ids `(b, t)` u32.
@@ -377,6 +378,78 @@ impl Decoder {
             angles.cos()?.to_dtype(self.dtype)?,
             angles.sin()?.to_dtype(self.dtype)?,
         ))
+    }
+}
+
+/// `l.forward(x)`, except that when `x` needs a gradient and the weight is frozen (a plain
+/// tensor, not a `Var`) the backward pass computes only the input's gradient: candle's matmul
+/// backward always computes both operands' gradients, and for a frozen decoder the weights' are
+/// thrown away (in training the encoder through a frozen decoder, they were most of the work).
+fn linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() || l.weight().is_variable() {
+        return l.forward(x);
+    }
+    let y = l.forward(&x.detach())?;
+    y.apply_op2(x, InputGradOnly(l.weight().clone()))
+}
+
+/// Passes its first argument `y = x W^T (+ b)` through unchanged; its backward gives the second
+/// argument `x` the gradient `grad W` and `y` none (`y` was computed from a detached `x`).
+struct InputGradOnly(Tensor);
+
+impl InputGradOnly {
+    fn pass<S: candle_core::backend::BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+        if !l.is_contiguous() || l.start_offset() != 0 {
+            candle_core::bail!("frozen linear: output is not a fresh contiguous tensor");
+        }
+        Ok((s.try_clone(l)?, l.shape().clone()))
+    }
+}
+
+impl CustomOp2 for InputGradOnly {
+    fn name(&self) -> &'static str {
+        "frozen-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::pass(s, l)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        l: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Self::pass(s, l)
+    }
+
+    fn metal_fwd(
+        &self,
+        s: &MetalStorage,
+        l: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        Self::pass(s, l)
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // (.., out) @ (out, in) -> (.., in)
+        Ok((None, Some(grad.broadcast_matmul(&self.0)?)))
     }
 }
 

@@ -1,0 +1,489 @@
+//! `refrag cpt_recon`, `cpt_next`, `sft` and `train_policy`: check the flags, find where each
+//! part's weights come from (the base models, `--load_dir`, or `--out_dir` itself with
+//! `--resume`), build the task and run the shared training loop. Ctrl-C saves a checkpoint
+//! after the current step and exits with status 130. Prints one JSON object (the evaluation)
+//! on stdout at the end.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+use candle_nn::VarMap;
+use serde_json::json;
+
+use crate::checkpoint::{self, RefragConfig};
+use crate::cli::{CptArgs, RuntimeArgs, SftArgs, TrainArgs, TrainPolicyArgs};
+use crate::embed::Pooling;
+use crate::encoder::{embedding_std, parse_pooling, DEFAULT_POOLING};
+use crate::hub::{self, Role};
+use crate::policy::PolicyConfig;
+use crate::train::cpt::{CptData, CptMode, CptSettings, CptTask};
+use crate::train::encoder::{ProjectorInit, TrainEncoder};
+use crate::train::optim::AdamWConfig;
+use crate::train::parts::{self, TrainDecoder, TrainState};
+use crate::train::policy::{init_policy_vars, policy_over, PolicyTask};
+use crate::train::qa::{QaData, QaLayoutArgs};
+use crate::train::run::{self, LoopConfig, Outcome, Task};
+use crate::train::schedule::{Curriculum, LrSchedule};
+use crate::train::sft::SftTask;
+use crate::{device, pipeline::Refrag, retrieve::Retriever};
+
+/// Set by Ctrl-C; a second Ctrl-C quits at once.
+fn stop_flag() -> &'static AtomicBool {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let r = ctrlc::set_handler(|| {
+            if STOP.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nrefrag: interrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+        });
+        if let Err(e) = r {
+            eprintln!("refrag: cannot catch Ctrl-C ({e}); an interrupt will not save a checkpoint");
+        }
+    });
+    &STOP
+}
+
+/// Check the shared training flags.
+fn validate_train(t: &TrainArgs) -> Result<()> {
+    if t.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if let Some(lr) = t.lr {
+        if !(lr > 0.0 && lr.is_finite()) {
+            bail!("--lr must be > 0, got {lr}");
+        }
+    }
+    if t.batch_size == 0 || t.micro_batch == 0 {
+        bail!("--batch_size and --micro_batch must be at least 1");
+    }
+    if t.clip < 0.0 || t.weight_decay < 0.0 {
+        bail!("--clip and --weight_decay must be >= 0");
+    }
+    if t.resume && t.force {
+        bail!(
+            "--resume and --force contradict each other (continue the checkpoint, or start over)"
+        );
+    }
+    Ok(())
+}
+
+/// Where the run writes, and the checkpoint it resumes (`Some` with `--resume`).
+fn out_dir_and_resume(t: &TrainArgs, stage: &str) -> Result<(PathBuf, Option<TrainState>)> {
+    let dir = t
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(stage));
+    let state = parts::read_state(&dir)?;
+    let has_ckpt = dir.join("config.json").is_file();
+    match (t.resume, state) {
+        (true, Some(s)) if has_ckpt => {
+            if s.stage != stage {
+                bail!("--resume: {} holds a {} checkpoint, not {stage}", dir.display(), s.stage);
+            }
+            Ok((dir, Some(s)))
+        }
+        (true, _) => bail!(
+            "--resume: {} holds no {stage} checkpoint to continue (no config.json / {})",
+            dir.display(),
+            parts::STATE_FILE
+        ),
+        (false, _) if has_ckpt && !t.force => bail!(
+            "--out_dir {} already holds a checkpoint; pass --resume to continue it or --force to start over",
+            dir.display()
+        ),
+        (false, _) => Ok((dir, None)),
+    }
+}
+
+/// The loop settings from the flags.
+fn loop_config(
+    t: &TrainArgs,
+    rt: &RuntimeArgs,
+    lr: f64,
+    out_dir: PathBuf,
+    resume: Option<TrainState>,
+) -> LoopConfig {
+    if let Some(s) = &resume {
+        if s.steps != t.steps || s.seed != rt.seed {
+            eprintln!(
+                "refrag: note: the checkpoint was written by a run with --steps {} --seed {}; the schedule now follows --steps {} --seed {}",
+                s.steps, s.seed, t.steps, rt.seed
+            );
+        }
+    }
+    LoopConfig {
+        steps: t.steps,
+        batch_size: t.batch_size,
+        micro_batch: t.micro_batch.min(t.batch_size),
+        schedule: LrSchedule {
+            peak: lr,
+            warmup: t.warmup.unwrap_or((t.steps / 20).max(1)),
+            total: t.steps,
+            min_frac: 0.1,
+        },
+        clip: t.clip,
+        optimizer: AdamWConfig {
+            weight_decay: t.weight_decay,
+            ..Default::default()
+        },
+        log_every: t.log_every,
+        save_every: t.save_every,
+        out_dir,
+        seed: rt.seed,
+        quiet: rt.quiet,
+        eval: t.eval_items > 0,
+        resume,
+    }
+}
+
+/// Run the loop and report: the evaluation on stdout, or exit 130 after an interrupt.
+fn finish(task: &mut dyn Task, cfg: &LoopConfig) -> Result<()> {
+    match run::train(task, cfg, stop_flag())? {
+        Outcome::Interrupted { step } => {
+            eprintln!(
+                "refrag: stopped after step {step}; checkpoint saved in {} (continue with --resume)",
+                cfg.out_dir.display()
+            );
+            std::process::exit(130);
+        }
+        Outcome::Finished { step } => {
+            let eval_path = cfg.out_dir.join("eval.json");
+            let eval: serde_json::Value = if eval_path.is_file() {
+                crate::jsonio::read_json(&eval_path)?
+            } else {
+                json!(null)
+            };
+            let out = json!({
+                "stage": task.stage(),
+                "out_dir": cfg.out_dir,
+                "step": step,
+                "eval": eval,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+    }
+}
+
+/// Where each part's weights come from.
+struct Sources {
+    enc: String,
+    dec: String,
+    pooling: Pooling,
+    /// Directory whose `config.json` the run starts from (`--load_dir`, or `--out_dir` on resume).
+    dir: Option<PathBuf>,
+    cfg: Option<RefragConfig>,
+}
+
+impl Sources {
+    fn resolve(
+        enc: Option<&str>,
+        dec: Option<&str>,
+        pooling: Option<&str>,
+        dir: Option<&Path>,
+    ) -> Result<Self> {
+        let cfg = dir.map(RefragConfig::read).transpose()?;
+        let pick = |flag: Option<&str>,
+                    saved: Option<&str>,
+                    name: &str,
+                    role: Role|
+         -> Result<String> {
+            match (flag, saved) {
+                (Some(f), Some(s)) if f != s => bail!(
+                    "--{name} {f} differs from the {name} the weights in {} were trained with ({s})",
+                    dir.map(|d| d.display().to_string()).unwrap_or_default()
+                ),
+                (Some(f), _) => Ok(f.to_string()),
+                (None, Some(s)) => Ok(s.to_string()),
+                (None, None) => Ok(hub::model_arg(None, role)),
+            }
+        };
+        let c = cfg.as_ref();
+        let enc = pick(
+            enc,
+            c.map(|c| c.encoder_model.as_str()),
+            "enc",
+            Role::Encoder,
+        )?;
+        let dec = pick(
+            dec,
+            c.map(|c| c.decoder_model.as_str()),
+            "dec",
+            Role::Decoder,
+        )?;
+        let pooling = match (pooling, c) {
+            (Some(p), Some(c)) if p != c.encoder_pooling => bail!(
+                "--pooling {p} differs from the pooling the weights were trained with ({})",
+                c.encoder_pooling
+            ),
+            (_, Some(c)) => parse_pooling(&c.encoder_pooling)?,
+            (Some(p), None) => parse_pooling(p)?,
+            (None, None) => DEFAULT_POOLING,
+        };
+        Ok(Self {
+            enc,
+            dec,
+            pooling,
+            dir: dir.map(Path::to_path_buf),
+            cfg,
+        })
+    }
+
+    /// The directory holding `part`, when the starting weights have it.
+    fn part(&self, part: &str) -> Option<&Path> {
+        match (&self.dir, &self.cfg) {
+            (Some(d), Some(c)) if c.has(part) => Some(d.as_path()),
+            _ => None,
+        }
+    }
+
+    fn warn_k(&self, k: usize) {
+        if let Some(c) = &self.cfg {
+            if c.k != k {
+                eprintln!("refrag: note: the starting weights were trained with --k {}, this run uses --k {k}", c.k);
+            }
+        }
+    }
+
+    /// The decoder, then the encoder + projector sized and scaled for it.
+    fn load_models(
+        &self,
+        dec_trainable: bool,
+        seed: u64,
+        dev: &Device,
+    ) -> Result<(TrainDecoder, TrainEncoder)> {
+        let dec = parts::load_decoder(&self.dec, self.part("decoder"), dec_trainable, dev)?;
+        let enc_file = self
+            .part("encoder")
+            .map(|d| checkpoint::part_path(d, "encoder"));
+        let proj_file = self
+            .part("projector")
+            .map(|d| checkpoint::part_path(d, "projector"));
+        let init = match &proj_file {
+            Some(p) => ProjectorInit::File(p),
+            None => ProjectorInit::Fresh {
+                out_std: embedding_std(&dec.decoder)?,
+                seed,
+            },
+        };
+        let enc = TrainEncoder::load(
+            &self.enc,
+            enc_file.as_deref(),
+            self.pooling,
+            dec.decoder.hidden_size(),
+            init,
+            dev,
+        )?;
+        Ok((dec, enc))
+    }
+}
+
+/// `cpt_recon` and `cpt_next`.
+pub fn run_cpt(a: &CptArgs, mode: CptMode) -> Result<()> {
+    validate_train(&a.train)?;
+    let stage = if mode == CptMode::Recon {
+        "cpt_recon"
+    } else {
+        "cpt_next"
+    };
+    if a.k == 0 {
+        bail!("--k must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&a.expand_frac) {
+        bail!("--expand_frac must be in [0, 1], got {}", a.expand_frac);
+    }
+    if a.max_chunks == 0 {
+        bail!("--max_chunks must be at least 1");
+    }
+    let curriculum = match &a.curriculum {
+        Some(s) => Curriculum::parse(s)?,
+        None => Curriculum::default_for(a.max_chunks),
+    };
+    let (out_dir, resume) = out_dir_and_resume(&a.train, stage)?;
+    let start = if resume.is_some() {
+        Some(out_dir.as_path())
+    } else {
+        a.load_dir.as_deref()
+    };
+    let src = Sources::resolve(
+        a.models.enc.as_deref(),
+        a.models.dec.as_deref(),
+        a.pooling.as_deref(),
+        start,
+    )?;
+    src.warn_k(a.k);
+    let dev = device::select(a.runtime.device)?;
+    let dec_trainable = mode == CptMode::Next && !a.freeze_dec;
+    let (dec, enc) = src.load_models(dec_trainable, a.runtime.seed, &dev)?;
+    let data = CptData::load(&a.train_json, &dec.tok, a.train.eval_items, a.s, a.o)?;
+    let lr = a
+        .train
+        .lr
+        .unwrap_or(if mode == CptMode::Recon { 2e-4 } else { 5e-5 });
+    let settings = CptSettings {
+        mode,
+        k: a.k,
+        curriculum,
+        expand_frac: a.expand_frac,
+        dec_lr_scale: a.dec_lr.map_or(0.2, |d| d / lr),
+        eval_batch: a.train.micro_batch,
+    };
+    let mut task = CptTask::new(settings, enc, dec, data, &src.dec)?;
+    let cfg = loop_config(&a.train, &a.runtime, lr, out_dir, resume);
+    finish(&mut task, &cfg)
+}
+
+/// Check the retrieval and layout flags shared by `sft` and `train_policy`.
+fn validate_qa(topk: usize, k: usize, ctx_max: usize) -> Result<()> {
+    if topk == 0 {
+        bail!("--topk must be at least 1");
+    }
+    if k == 0 || ctx_max == 0 {
+        bail!("--k and --ctx_max must be at least 1");
+    }
+    Ok(())
+}
+
+/// `sft`.
+pub fn run_sft(a: &SftArgs) -> Result<()> {
+    validate_train(&a.train)?;
+    validate_qa(a.retrieve.topk, a.k, a.ctx_max)?;
+    let (out_dir, resume) = out_dir_and_resume(&a.train, "sft")?;
+    let start = if resume.is_some() {
+        Some(out_dir.as_path())
+    } else {
+        a.load_dir.as_deref()
+    };
+    let src = Sources::resolve(
+        a.models.enc.as_deref(),
+        a.models.dec.as_deref(),
+        None,
+        start,
+    )?;
+    src.warn_k(a.k);
+    let dev = device::select(a.runtime.device)?;
+    let data = QaData::load(&a.rag_json, a.train.eval_items)?;
+    let retriever = Retriever::open(&a.retrieve.index_dir, a.embed.embed_model.as_deref(), &dev)?;
+    let (dec, enc) = src.load_models(!a.freeze_dec, a.runtime.seed, &dev)?;
+    let lr = a.train.lr.unwrap_or(2e-5);
+    let mut task = SftTask {
+        enc,
+        dec,
+        data,
+        retriever: Box::new(retriever),
+        layout: QaLayoutArgs {
+            topk: a.retrieve.topk,
+            mode: a.retrieve.retrieval,
+            k: a.k,
+            ctx_max: a.ctx_max,
+        },
+        dec_name: src.dec.clone(),
+        dec_lr_scale: a.dec_lr.map_or(1.0, |d| d / lr),
+        eval_batch: a.train.micro_batch,
+    };
+    let cfg = loop_config(&a.train, &a.runtime, lr, out_dir, resume);
+    finish(&mut task, &cfg)
+}
+
+/// The policy's variables: from the starting weights when they hold a policy of this width
+/// (always on resume, where a mismatch is an error), else fresh from `seed`.
+fn policy_vars(
+    src: &Sources,
+    pc: &PolicyConfig,
+    resume: bool,
+    seed: u64,
+    dev: &Device,
+) -> Result<VarMap> {
+    let vars = VarMap::new();
+    init_policy_vars(&vars, pc, seed, dev)?;
+    if let Some(dir) = src.part("policy") {
+        let same = src.cfg.as_ref().and_then(|c| c.policy_hidden) == Some(pc.hidden);
+        if resume || same {
+            checkpoint::load_varmap_strict(&vars, &checkpoint::part_path(dir, "policy"), dev)?;
+        } else {
+            eprintln!(
+                "refrag: note: the policy in {} has another --policy_hidden; starting a fresh one",
+                dir.display()
+            );
+        }
+    }
+    Ok(vars)
+}
+
+fn validate_policy(a: &TrainPolicyArgs) -> Result<()> {
+    validate_train(&a.train)?;
+    let c = &a.compress;
+    validate_qa(a.retrieve.topk, c.k, c.ctx_max)?;
+    if !(0.0..=1.0).contains(&c.p) {
+        bail!("--p must be in [0, 1], got {}", c.p);
+    }
+    if a.group < 2 || a.policy_hidden == 0 {
+        bail!("--group must be at least 2 (the baseline is the group's mean) and --policy_hidden at least 1");
+    }
+    Ok(())
+}
+
+/// `train_policy`.
+pub fn run_policy(a: &TrainPolicyArgs) -> Result<()> {
+    validate_policy(a)?;
+    let c = &a.compress;
+    let (out_dir, resume) = out_dir_and_resume(&a.train, "train_policy")?;
+    let start = if resume.is_some() {
+        Some(out_dir.clone())
+    } else {
+        c.load_dir.clone()
+    };
+    let src = Sources::resolve(
+        a.models.enc.as_deref(),
+        a.models.dec.as_deref(),
+        None,
+        start.as_deref(),
+    )?;
+    src.warn_k(c.k);
+    let dev = device::select(a.runtime.device)?;
+    let data = QaData::load(&a.rag_json, a.train.eval_items)?;
+    let retriever = Retriever::open(&a.retrieve.index_dir, a.embed.embed_model.as_deref(), &dev)?;
+    let enc_arg = if start.is_some() {
+        None
+    } else {
+        Some(src.enc.as_str())
+    };
+    let refrag = Refrag::load(enc_arg, &src.dec, start.as_deref(), a.runtime.seed, &dev)?;
+    let pc = PolicyConfig {
+        d: refrag.decoder.hidden_size(),
+        hidden: a.policy_hidden,
+    };
+    let vars = policy_vars(&src, &pc, resume.is_some(), a.runtime.seed, &dev)?;
+    let policy = policy_over(&vars, &pc, &dev)?;
+    let mut task = PolicyTask {
+        refrag,
+        policy,
+        vars,
+        hidden: a.policy_hidden,
+        data,
+        retriever: Box::new(retriever),
+        layout: QaLayoutArgs {
+            topk: a.retrieve.topk,
+            mode: a.retrieve.retrieval,
+            k: c.k,
+            ctx_max: c.ctx_max,
+        },
+        p: c.p,
+        group: a.group,
+        load_dir: start,
+        encoder_model: src.enc.clone(),
+    };
+    let cfg = loop_config(
+        &a.train,
+        &a.runtime,
+        a.train.lr.unwrap_or(1e-4),
+        out_dir,
+        resume,
+    );
+    finish(&mut task, &cfg)
+}

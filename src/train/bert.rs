@@ -1,0 +1,144 @@
+//! A BERT encoder that back-propagates. candle-transformers' `BertModel` normalises with a fused
+//! layer-norm kernel that has no backward pass, so gradients would stop at the first LayerNorm;
+//! this is the same network (same parameter names, same maths, HF `modeling_bert.py`) in plain
+//! tensor ops. Inference keeps using `BertModel`: a saved variable map loads there unchanged.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
+use candle_transformers::models::bert::{Config, HiddenAct};
+
+/// LayerNorm in differentiable ops.
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_sub(&mean)?;
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        x.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    inter: Linear,
+    out: Linear,
+    out_norm: LayerNorm,
+    heads: usize,
+    act: HiddenAct,
+}
+
+impl Layer {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (h, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        let a = vb.pp("attention");
+        Ok(Self {
+            query: linear(h, h, a.pp("self.query"))?,
+            key: linear(h, h, a.pp("self.key"))?,
+            value: linear(h, h, a.pp("self.value"))?,
+            attn_out: linear(h, h, a.pp("output.dense"))?,
+            attn_norm: LayerNorm::new(h, eps, a.pp("output.LayerNorm"))?,
+            inter: linear(h, f, vb.pp("intermediate.dense"))?,
+            out: linear(f, h, vb.pp("output.dense"))?,
+            out_norm: LayerNorm::new(h, eps, vb.pp("output.LayerNorm"))?,
+            heads: cfg.num_attention_heads,
+            act: cfg.hidden_act,
+        })
+    }
+
+    /// `(b, s, h)` -> `(b, heads, s, hd)`.
+    fn split(&self, x: Tensor) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        x.reshape((b, s, self.heads, h / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// `x` `(b, s, h)`, `mask` additive `(b, 1, 1, s)`.
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let q = self.split(self.query.forward(x)?)?;
+        let k = self.split(self.key.forward(x)?)?;
+        let v = self.split(self.value.forward(x)?)?;
+        let scale = 1.0 / ((h / self.heads) as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (b, heads, s, s)
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        let x = self
+            .attn_norm
+            .forward(&(self.attn_out.forward(&ctx)? + x)?)?;
+        let f = self.inter.forward(&x)?;
+        let f = match self.act {
+            HiddenAct::Gelu => f.gelu_erf()?,
+            HiddenAct::GeluApproximate => f.gelu()?,
+            HiddenAct::Relu => f.relu()?,
+        };
+        self.out_norm.forward(&(self.out.forward(&f)? + x)?)
+    }
+}
+
+/// BERT embeddings + encoder layers, differentiable.
+#[derive(Debug, Clone)]
+pub struct TrainBert {
+    words: Embedding,
+    positions: Embedding,
+    types: Embedding,
+    norm: LayerNorm,
+    layers: Vec<Layer>,
+}
+
+impl TrainBert {
+    /// Variables under `vb` with HF names (`embeddings.word_embeddings.weight`,
+    /// `encoder.layer.0.attention.self.query.weight`, ...); give `vb.pp("bert")` for files that
+    /// prefix them.
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let e = vb.pp("embeddings");
+        let h = cfg.hidden_size;
+        Ok(Self {
+            words: embedding(cfg.vocab_size, h, e.pp("word_embeddings"))?,
+            positions: embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?,
+            types: embedding(cfg.type_vocab_size, h, e.pp("token_type_embeddings"))?,
+            norm: LayerNorm::new(h, cfg.layer_norm_eps, e.pp("LayerNorm"))?,
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| Layer::new(cfg, vb.pp(format!("encoder.layer.{i}"))))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Last-layer states `(b, s, h)` of ids, type ids and attention mask `(b, s)` u32.
+    pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (_b, s) = ids.dims2()?;
+        let pos = Tensor::arange(0u32, s as u32, ids.device())?;
+        let x = (self.words.forward(ids)? + self.types.forward(type_ids)?)?
+            .broadcast_add(&self.positions.forward(&pos)?)?;
+        let mut x = self.norm.forward(&x)?;
+        // Additive mask: 0 for tokens, f32::MIN for padding, as `BertModel` does.
+        let m = mask.to_dtype(DType::F32)?;
+        let add = ((m.ones_like()? - m)? * f64::from(f32::MIN))?
+            .unsqueeze(1)?
+            .unsqueeze(1)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &add)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,306 @@
+//! Continual pretraining of the encoder and projector (and, in CPT-B, the decoder).
+//!
+//! - CPT-A, reconstruction (`cpt_recon`): `n` chunks of `k` tokens are compressed and the frozen
+//!   decoder reconstructs their `n * k` tokens, teacher-forced; `n` follows the curriculum (one
+//!   draw per step, from mostly one chunk towards many).
+//! - CPT-B, next paragraph (`cpt_next`): the first `s` tokens of an item are compressed, a
+//!   random `expand_frac` of their chunks expanded, and the next `o` tokens predicted.
+//!
+//! Held-out items are the last `eval_items` of the file: reconstruction token accuracy and
+//! perplexity (CPT-A), next-paragraph perplexity compressed / partly expanded / full context / no
+//! context (CPT-B).
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+
+use super::encoder::TrainEncoder;
+use super::optim::Group;
+use super::parts::{enc_dec_checkpoint, enc_dec_groups, Checkpoint, TrainDecoder};
+use super::run::{Micro, Stats, Task};
+use super::schedule::Curriculum;
+use super::seq::{forward_seqs, perplexity, target_counts, weighted_mean, Seq, SeqOut};
+use crate::corpus::CptItem;
+use crate::decoder::DecoderTokenizer;
+use crate::select::{num_expand, random_n};
+
+/// CPT items as decoder tokens, with their context / continuation split and a held-out split.
+pub struct CptData {
+    pub tokens: Vec<Vec<u32>>,
+    /// Context tokens `s` of each item (within its token count).
+    pub s: Vec<usize>,
+    /// Continuation tokens `o` of each item (0 when the text holds no more).
+    pub o: Vec<usize>,
+    pub train: Vec<usize>,
+    pub eval: Vec<usize>,
+}
+
+impl CptData {
+    /// Read `path` (`cpt_train.jsonl`), tokenize, clip splits to what each text holds (and to
+    /// `s_cap` / `o_cap`), and hold out the last `eval_items` items.
+    pub fn load(
+        path: &Path,
+        dtok: &DecoderTokenizer,
+        eval_items: usize,
+        s_cap: Option<usize>,
+        o_cap: Option<usize>,
+    ) -> Result<Self> {
+        let items: Vec<CptItem> = crate::jsonio::read_jsonl(path)?;
+        Self::from_items(&items, dtok, eval_items, s_cap, o_cap)
+            .map_err(|e| anyhow::anyhow!("--train_json {}: {e:#}", path.display()))
+    }
+
+    pub fn from_items(
+        items: &[CptItem],
+        dtok: &DecoderTokenizer,
+        eval_items: usize,
+        s_cap: Option<usize>,
+        o_cap: Option<usize>,
+    ) -> Result<Self> {
+        let mut d = Self {
+            tokens: Vec::new(),
+            s: Vec::new(),
+            o: Vec::new(),
+            train: Vec::new(),
+            eval: Vec::new(),
+        };
+        for it in items {
+            let t = dtok.encode(&it.tokens, false)?;
+            let s = it.split.s.min(s_cap.unwrap_or(usize::MAX)).min(t.len());
+            let o = it.split.o.min(o_cap.unwrap_or(usize::MAX)).min(t.len() - s);
+            d.tokens.push(t);
+            d.s.push(s);
+            d.o.push(o);
+        }
+        let n = d.tokens.len();
+        if eval_items >= n {
+            bail!("--eval_items {eval_items} leaves no training item of {n}");
+        }
+        d.train = (0..n - eval_items).collect();
+        d.eval = (n - eval_items..n).collect();
+        Ok(d)
+    }
+}
+
+/// CPT-A or CPT-B.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CptMode {
+    Recon,
+    Next,
+}
+
+/// Settings of a CPT run.
+#[derive(Debug, Clone)]
+pub struct CptSettings {
+    pub mode: CptMode,
+    pub k: usize,
+    pub curriculum: Curriculum,
+    pub expand_frac: f64,
+    /// Decoder learning rate / base learning rate (when the decoder trains).
+    pub dec_lr_scale: f64,
+    /// Sequences per forward pass in the evaluation.
+    pub eval_batch: usize,
+}
+
+/// A CPT-A or CPT-B run.
+pub struct CptTask {
+    pub settings: CptSettings,
+    pub enc: TrainEncoder,
+    pub dec: TrainDecoder,
+    pub data: CptData,
+    pub dec_name: String,
+    /// The chunk count of the current step (CPT-A).
+    chunks: usize,
+}
+
+impl CptTask {
+    pub fn new(
+        settings: CptSettings,
+        enc: TrainEncoder,
+        dec: TrainDecoder,
+        data: CptData,
+        dec_name: &str,
+    ) -> Result<Self> {
+        if settings.mode == CptMode::Next && data.train.iter().any(|&i| data.o[i] == 0) {
+            bail!("cpt_next: some items have no continuation tokens after their context (check --s and the texts' length)");
+        }
+        Ok(Self {
+            settings,
+            enc,
+            dec,
+            data,
+            dec_name: dec_name.to_string(),
+            chunks: 1,
+        })
+    }
+
+    /// The training sequence of item `i`.
+    fn train_seq(&self, i: usize, chunks: usize, rng: &mut ChaCha8Rng) -> Seq {
+        let t = &self.data.tokens[i];
+        let k = self.settings.k;
+        match self.settings.mode {
+            CptMode::Recon => {
+                let len = (chunks * k).min(t.len());
+                let off = rng.random_range(0..=t.len() - len);
+                Seq::reconstruction(&t[off..off + len], k)
+            }
+            CptMode::Next => {
+                let (s, o) = (self.data.s[i], self.data.o[i]);
+                let l = s.div_ceil(k);
+                let n = num_expand(self.settings.expand_frac, l);
+                let mask = random_n(l, n, rng.random());
+                Seq::next_paragraph(&t[..s], &t[s..s + o], k, mask)
+            }
+        }
+    }
+
+    /// Forward sequences with the trainable encoder (`grad`) or a detached one.
+    pub fn forward(&self, seqs: &[Seq], grad: bool) -> Result<SeqOut> {
+        let embed = |texts: &[&str]| -> Result<Tensor> {
+            let e = self.enc.embed(texts)?;
+            Ok(if grad { e } else { e.detach() })
+        };
+        forward_seqs(&embed, &self.dec.decoder, &self.dec.tok, seqs)
+    }
+
+    /// Token accuracy and perplexity of sequences, in batches.
+    fn score(&self, seqs: &[Seq]) -> Result<Value> {
+        let (mut nll, mut tokens, mut correct) = (Vec::new(), 0, 0);
+        for b in seqs.chunks(self.settings.eval_batch.max(1)) {
+            let out = self.forward(b, false)?;
+            nll.extend(out.nll);
+            tokens += out.tokens;
+            correct += out.correct;
+        }
+        let mean = weighted_mean(&nll, &target_counts(seqs));
+        Ok(json!({
+            "token_acc": correct as f64 / tokens.max(1) as f64,
+            "ppl": perplexity(mean),
+            "nll": mean,
+            "tokens": tokens,
+        }))
+    }
+
+    fn eval_recon(&self) -> Result<Value> {
+        let k = self.settings.k;
+        let max = self.settings.curriculum.max_chunks();
+        let mut out = serde_json::Map::new();
+        for n in [1, max] {
+            let seqs: Vec<Seq> = self
+                .data
+                .eval
+                .iter()
+                .map(|&i| {
+                    let t = &self.data.tokens[i];
+                    Seq::reconstruction(&t[..(n * k).min(t.len())], k)
+                })
+                .collect();
+            out.insert(format!("recon_{n}_chunks"), self.score(&seqs)?);
+            if max == 1 {
+                break;
+            }
+        }
+        Ok(Value::Object(out))
+    }
+
+    fn eval_next(&self) -> Result<Value> {
+        let k = self.settings.k;
+        let seqs = |mask: &dyn Fn(usize, usize) -> Vec<bool>| -> Vec<Seq> {
+            self.data
+                .eval
+                .iter()
+                .map(|&i| {
+                    let (t, s, o) = (&self.data.tokens[i], self.data.s[i], self.data.o[i]);
+                    Seq::next_paragraph(&t[..s], &t[s..s + o], k, mask(i, s.div_ceil(k)))
+                })
+                .collect()
+        };
+        let frac = self.settings.expand_frac;
+        let none: Vec<Seq> = self
+            .data
+            .eval
+            .iter()
+            .map(|&i| {
+                let (t, s, o) = (&self.data.tokens[i], self.data.s[i], self.data.o[i]);
+                Seq::no_context(self.dec.tok.bos_id(), &t[s..s + o])
+            })
+            .collect();
+        Ok(json!({
+            "next_compressed_p0": self.score(&seqs(&|_, l| vec![false; l]))?,
+            "next_expand_frac": self.score(&seqs(&|i, l| random_n(l, num_expand(frac, l), i as u64)))?,
+            "next_full_p1": self.score(&seqs(&|_, l| vec![true; l]))?,
+            "next_no_context": self.score(&none)?,
+        }))
+    }
+}
+
+impl Task for CptTask {
+    fn stage(&self) -> &'static str {
+        match self.settings.mode {
+            CptMode::Recon => "cpt_recon",
+            CptMode::Next => "cpt_next",
+        }
+    }
+
+    fn groups(&self) -> Vec<Group> {
+        enc_dec_groups(&self.enc, &self.dec, self.settings.dec_lr_scale)
+    }
+
+    fn num_train(&self) -> usize {
+        self.data.train.len()
+    }
+
+    fn begin_step(&mut self, step: usize, total: usize, rng: &mut ChaCha8Rng) -> Result<()> {
+        self.chunks = self.settings.curriculum.sample(step, total, rng);
+        Ok(())
+    }
+
+    fn micro(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Micro>> {
+        let ids: Vec<usize> = items.iter().map(|&j| self.data.train[j]).collect();
+        // Every sequence of a micro-batch gets the same chunk count, so they batch together.
+        let k = self.settings.k;
+        let fit = ids.iter().map(|&i| self.data.tokens[i].len() / k).min();
+        let chunks = self.chunks.min(fit.unwrap_or(1)).max(1);
+        let seqs: Vec<Seq> = ids
+            .iter()
+            .map(|&i| self.train_seq(i, chunks, rng))
+            .collect();
+        let out = self.forward(&seqs, true)?;
+        let mut stats = Stats {
+            loss: f64::from(out.loss.to_scalar::<f32>()?),
+            micro: 1,
+            tokens: out.tokens,
+            correct: out.correct,
+            ..Default::default()
+        };
+        if self.settings.mode == CptMode::Recon {
+            stats.note("chunks", chunks as f64);
+        }
+        Ok(Some(Micro {
+            loss: out.loss,
+            stats,
+        }))
+    }
+
+    fn evaluate(&mut self) -> Result<Value> {
+        match self.settings.mode {
+            CptMode::Recon => self.eval_recon(),
+            CptMode::Next => self.eval_next(),
+        }
+    }
+
+    fn checkpoint(&self, step: usize) -> Result<Checkpoint<'_>> {
+        Ok(enc_dec_checkpoint(
+            &self.enc,
+            &self.dec,
+            self.stage(),
+            &self.dec_name,
+            self.settings.k,
+            step,
+        ))
+    }
+}

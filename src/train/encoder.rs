@@ -1,0 +1,178 @@
+//! The chunk encoder and projector as trainable variables: the differentiable BERT
+//! ([`TrainBert`]) started from the encoder model's own safetensors (or from a trained
+//! `encoder.safetensors`), pooled like inference pools, then the projector. The saved encoder
+//! keeps exactly the variable names of the original file (all-MiniLM has no `bert.` prefix), so
+//! inference's `ChunkEncoder::load` reads it with candle's `BertModel` unchanged.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use candle_transformers::models::bert::Config;
+use tokenizers::{Encoding, Tokenizer};
+
+use super::bert::TrainBert;
+use super::vars::{build_trainable, read_tensors};
+use crate::embed::{self, Pooling, TokenBatch};
+use crate::hub::{self, ModelFiles};
+use crate::projector::{Projector, ProjectorConfig};
+
+/// Where the projector's weights come from.
+#[derive(Debug, Clone)]
+pub enum ProjectorInit<'a> {
+    /// Seeded random weights with output spread `out_std` (the decoder's embedding spread).
+    Fresh { out_std: f64, seed: u64 },
+    /// A saved `projector.safetensors`.
+    File(&'a Path),
+}
+
+/// Trainable chunk encoder + projector.
+pub struct TrainEncoder {
+    bert: TrainBert,
+    pub bert_vars: VarMap,
+    projector: Projector,
+    pub projector_vars: VarMap,
+    pub projector_cfg: ProjectorConfig,
+    tokenizer: Tokenizer,
+    pad_id: u32,
+    pub pooling: Pooling,
+    /// The encoder model argument (HF folder or hub id) the weights started from.
+    pub model_name: String,
+    device: Device,
+}
+
+impl TrainEncoder {
+    /// Load the encoder `enc` (its own weights, or `trained` = a saved `encoder.safetensors`),
+    /// and the projector to decoder width `out_dim`.
+    pub fn load(
+        enc: &str,
+        trained: Option<&Path>,
+        pooling: Pooling,
+        out_dim: usize,
+        projector: ProjectorInit,
+        device: &Device,
+    ) -> Result<Self> {
+        let files = hub::resolve(enc)?;
+        let ModelFiles::Hf {
+            config,
+            weights,
+            tokenizer,
+            ..
+        } = &files
+        else {
+            bail!("--enc {enc}: the chunk encoder must be a BERT-family Hugging Face folder, not a GGUF file");
+        };
+        let cfg = embed::read_config(config)?;
+        let tok = embed::load_tokenizer(tokenizer, embed::max_seq_len(&files, &cfg)?)?;
+        let weights = match trained {
+            Some(p) => BertWeights::Trained(p),
+            None => BertWeights::Base(weights),
+        };
+        let (bert, bert_vars) = load_bert(enc, &cfg, weights, device)?;
+        let projector_cfg = ProjectorConfig {
+            in_dim: cfg.hidden_size,
+            hidden: out_dim,
+            out_dim,
+        };
+        let (projector, projector_vars) = load_projector(&projector_cfg, projector, device)?;
+        Ok(Self {
+            bert,
+            bert_vars,
+            projector,
+            projector_vars,
+            projector_cfg,
+            tokenizer: tok,
+            pad_id: cfg.pad_token_id as u32,
+            pooling,
+            model_name: enc.to_string(),
+            device: device.clone(),
+        })
+    }
+
+    /// Pooled encoder states `c_i` `(n, h)` of chunk texts, differentiable.
+    pub fn encode(&self, texts: &[&str]) -> Result<Tensor> {
+        let enc: Vec<Encoding> = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(anyhow::Error::msg)
+            .context("tokenizing chunks for the encoder")?;
+        let refs: Vec<&Encoding> = enc.iter().collect();
+        let batch = TokenBatch::from_encodings(&refs, self.pad_id, &self.device)?;
+        let hidden = self
+            .bert
+            .forward(&batch.ids, &batch.type_ids, &batch.mask)?;
+        Ok(embed::pool(&hidden, &batch.mask, self.pooling)?)
+    }
+
+    /// Projected chunk embeddings `e_i` `(n, d)` of chunk texts, differentiable.
+    pub fn embed(&self, texts: &[&str]) -> Result<Tensor> {
+        let c = self.encode(texts)?;
+        Ok(self.projector.forward(&c)?)
+    }
+}
+
+/// Where a trainable BERT's weights come from.
+enum BertWeights<'a> {
+    /// The model's own files (extra tensors such as a pooler are allowed).
+    Base(&'a [PathBuf]),
+    /// A saved `encoder.safetensors` (exactly the model's tensors).
+    Trained(&'a Path),
+}
+
+/// A trainable BERT over its variables, named as in its file.
+fn load_bert(
+    enc: &str,
+    cfg: &Config,
+    weights: BertWeights,
+    device: &Device,
+) -> Result<(TrainBert, VarMap)> {
+    let (tensors, source, strict) = match weights {
+        BertWeights::Trained(p) => (read_tensors(p, device)?, p.display().to_string(), true),
+        BertWeights::Base(files) => {
+            let mut all = HashMap::new();
+            for w in files {
+                all.extend(read_tensors(w, device)?);
+            }
+            (all, format!("encoder '{enc}'"), false)
+        }
+    };
+    let prefix = bert_prefix(&tensors).with_context(|| format!("{source}: not a BERT"))?;
+    build_trainable(tensors, !strict, &source, device, |vb| {
+        let vb = if prefix.is_empty() {
+            vb
+        } else {
+            vb.pp(prefix.trim_end_matches('.'))
+        };
+        TrainBert::new(cfg, vb)
+    })
+}
+
+/// The projector over its variables, fresh or from a file.
+fn load_projector(
+    cfg: &ProjectorConfig,
+    init: ProjectorInit,
+    device: &Device,
+) -> Result<(Projector, VarMap)> {
+    let vars = VarMap::new();
+    match init {
+        ProjectorInit::Fresh { out_std, seed } => {
+            Projector::init_vars(&vars, "", cfg, out_std, seed, device)?
+        }
+        ProjectorInit::File(path) => {
+            Projector::init_vars(&vars, "", cfg, 1.0, 0, device)?;
+            crate::checkpoint::load_varmap_strict(&vars, path, device)?;
+        }
+    }
+    let projector = Projector::new(cfg, VarBuilder::from_varmap(&vars, DType::F32, device))?;
+    Ok((projector, vars))
+}
+
+/// The prefix of a BERT file's names: `""` (all-MiniLM) or e.g. `"bert."`.
+fn bert_prefix(tensors: &HashMap<String, Tensor>) -> Option<String> {
+    const KEY: &str = "embeddings.word_embeddings.weight";
+    let mut prefixes: Vec<&str> = tensors.keys().filter_map(|k| k.strip_suffix(KEY)).collect();
+    prefixes.sort_by_key(|p| p.len());
+    prefixes.first().map(|p| p.to_string())
+}

@@ -1,0 +1,273 @@
+//! The decoder a trainer runs (frozen or trainable, from the base model or a trained
+//! `decoder.safetensors`) and writing a checkpoint directory: one safetensors file per part,
+//! `decoder_config.json` beside a trained decoder, the optimiser state and `train_state.json`
+//! for `--resume`, and `config.json` last. Every file is written to a temporary file and renamed,
+//! so a crash leaves either the previous file or the new one, and a `config.json` never names a
+//! part that was not yet written.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use super::optim::AdamW;
+use super::vars::{build_trainable, read_tensors};
+use crate::checkpoint::{self, RefragConfig};
+use crate::decoder::{self, Decoder, DecoderConfig, DecoderTokenizer};
+use crate::hub;
+
+/// File name of a trained decoder's hyper-parameters.
+pub const DECODER_CONFIG: &str = "decoder_config.json";
+/// File name of the optimiser moments.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// File name of the resume state.
+pub const STATE_FILE: &str = "train_state.json";
+
+/// The decoder of a training run.
+pub struct TrainDecoder {
+    pub decoder: Decoder,
+    pub tok: DecoderTokenizer,
+    /// Its variables when it trains.
+    pub vars: Option<VarMap>,
+    /// The weights directory of a trained decoder that stays frozen (carried into checkpoints).
+    pub frozen_from: Option<PathBuf>,
+}
+
+/// Load the decoder `dec`: from `trained` (a directory holding `decoder.safetensors`) when
+/// given, else the base model; as trainable variables when `trainable`.
+pub fn load_decoder(
+    dec: &str,
+    trained: Option<&Path>,
+    trainable: bool,
+    device: &Device,
+) -> Result<TrainDecoder> {
+    let files = hub::resolve(dec)?;
+    let (decoder, tok, vars) = match (trained, trainable) {
+        (None, false) => {
+            let (d, t) = Decoder::load(&files, device, DType::F32)?;
+            (d, t, None)
+        }
+        (Some(dir), false) => {
+            let (d, t) = decoder::load_trained(
+                &files,
+                &dir.join(DECODER_CONFIG),
+                &checkpoint::part_path(dir, "decoder"),
+                device,
+                DType::F32,
+            )?;
+            (d, t, None)
+        }
+        (None, true) => {
+            let parts = decoder::load_parts(&files, device, DType::F32)?;
+            let cfg = parts.config.clone();
+            let (d, vm) = build_trainable(parts.weights, true, dec, device, |vb| {
+                Decoder::new(&cfg, vb)
+            })?;
+            (d, parts.tokenizer, Some(vm))
+        }
+        (Some(dir), true) => {
+            let cfg_path = dir.join(DECODER_CONFIG);
+            let cfg: DecoderConfig = crate::jsonio::read_json(&cfg_path)?;
+            let path = checkpoint::part_path(dir, "decoder");
+            let tensors = read_tensors(&path, device)?;
+            let (d, vm) =
+                build_trainable(tensors, false, &path.display().to_string(), device, |vb| {
+                    Decoder::new(&cfg, vb)
+                })?;
+            let tok = decoder::load_tokenizer(&files, &cfg)?;
+            (d, tok, Some(vm))
+        }
+    };
+    Ok(TrainDecoder {
+        decoder,
+        tok,
+        vars,
+        frozen_from: if trainable {
+            None
+        } else {
+            trained.map(Path::to_path_buf)
+        },
+    })
+}
+
+/// What `--resume` needs besides the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub stage: String,
+    /// Optimiser steps done.
+    pub step: usize,
+    /// `--steps` of the run that wrote it.
+    pub steps: usize,
+    pub seed: u64,
+    /// AdamW's update count (bias correction).
+    pub optimizer_t: u64,
+}
+
+/// Read `train_state.json` of `dir`, if there is one.
+pub fn read_state(dir: &Path) -> Result<Option<TrainState>> {
+    let p = dir.join(STATE_FILE);
+    if !p.is_file() {
+        return Ok(None);
+    }
+    Ok(Some(crate::jsonio::read_json(&p)?))
+}
+
+/// The parts of a checkpoint.
+pub struct Checkpoint<'a> {
+    pub config: RefragConfig,
+    /// Parts saved from variables: (`encoder`, map), ...
+    pub vars: Vec<(&'static str, &'a VarMap)>,
+    /// Parts copied from another weights directory (frozen trained parts the run used).
+    pub copies: Vec<(&'static str, PathBuf)>,
+    /// Hyper-parameters of a trained decoder, when one is saved.
+    pub decoder_config: Option<DecoderConfig>,
+}
+
+/// Write `ck`, the optimiser and the state into `dir`; `config.json` last.
+pub fn write_checkpoint(
+    dir: &Path,
+    ck: &Checkpoint,
+    opt: &AdamW,
+    state: &TrainState,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating --out_dir {}", dir.display()))?;
+    for (part, vm) in &ck.vars {
+        checkpoint::save_varmap(vm, &checkpoint::part_path(dir, part))?;
+    }
+    for (part, from) in &ck.copies {
+        let src = checkpoint::part_path(from, part);
+        let dst = checkpoint::part_path(dir, part);
+        if src != dst {
+            copy_atomic(&src, &dst)?;
+            if *part == "decoder" {
+                copy_atomic(&from.join(DECODER_CONFIG), &dir.join(DECODER_CONFIG))?;
+            }
+        }
+    }
+    if let Some(c) = &ck.decoder_config {
+        crate::jsonio::write_json(&dir.join(DECODER_CONFIG), c)?;
+    }
+    opt.save(&dir.join(OPTIMIZER_FILE))?;
+    crate::jsonio::write_json(&dir.join(STATE_FILE), state)?;
+    crate::jsonio::write_json(&dir.join("config.json"), &ck.config)?;
+    Ok(())
+}
+
+fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
+    let dir = dst.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    std::fs::copy(src, tmp.path())
+        .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+    tmp.persist(dst)
+        .with_context(|| format!("writing {}", dst.display()))?;
+    Ok(())
+}
+
+/// A `config.json` for a checkpoint of `stage`.
+pub struct ConfigFields<'a> {
+    pub stage: &'a str,
+    pub encoder_model: &'a str,
+    pub pooling: crate::embed::Pooling,
+    pub decoder_model: &'a str,
+    pub k: usize,
+    pub projector: crate::projector::ProjectorConfig,
+    pub policy_hidden: Option<usize>,
+    pub parts: Vec<&'a str>,
+    pub step: usize,
+}
+
+impl ConfigFields<'_> {
+    pub fn build(self) -> RefragConfig {
+        RefragConfig {
+            format_version: checkpoint::FORMAT_VERSION,
+            refrag_version: env!("CARGO_PKG_VERSION").to_string(),
+            stage: self.stage.to_string(),
+            encoder_model: self.encoder_model.to_string(),
+            encoder_pooling: self.pooling.to_string(),
+            decoder_model: self.decoder_model.to_string(),
+            k: self.k,
+            projector: self.projector,
+            policy_hidden: self.policy_hidden,
+            parts: self.parts.iter().map(|s| s.to_string()).collect(),
+            step: self.step,
+        }
+    }
+}
+
+/// The optimiser groups of an encoder + projector (+ trainable decoder at `dec_lr_scale`) run.
+pub fn enc_dec_groups(
+    enc: &super::encoder::TrainEncoder,
+    dec: &TrainDecoder,
+    dec_lr_scale: f64,
+) -> Vec<super::optim::Group> {
+    use super::optim::Group;
+    use super::vars::named_vars;
+    let mut g = vec![
+        Group {
+            name: "encoder".into(),
+            vars: named_vars(&enc.bert_vars),
+            lr_scale: 1.0,
+        },
+        Group {
+            name: "projector".into(),
+            vars: named_vars(&enc.projector_vars),
+            lr_scale: 1.0,
+        },
+    ];
+    if let Some(vm) = &dec.vars {
+        g.push(Group {
+            name: "decoder".into(),
+            vars: named_vars(vm),
+            lr_scale: dec_lr_scale,
+        });
+    }
+    g
+}
+
+/// The checkpoint of an encoder + projector (+ decoder) run: the decoder is saved when it
+/// trained, copied when it is a frozen trained one, and absent when it is the base model.
+pub fn enc_dec_checkpoint<'a>(
+    enc: &'a super::encoder::TrainEncoder,
+    dec: &'a TrainDecoder,
+    stage: &str,
+    dec_name: &str,
+    k: usize,
+    step: usize,
+) -> Checkpoint<'a> {
+    let mut parts = vec!["encoder", "projector"];
+    let mut vars = vec![
+        ("encoder", &enc.bert_vars),
+        ("projector", &enc.projector_vars),
+    ];
+    let (mut copies, mut decoder_config) = (Vec::new(), None);
+    if let Some(vm) = &dec.vars {
+        vars.push(("decoder", vm));
+        decoder_config = Some(dec.decoder.config().clone());
+        parts.push("decoder");
+    } else if let Some(dir) = &dec.frozen_from {
+        copies.push(("decoder", dir.clone()));
+        parts.push("decoder");
+    }
+    let config = ConfigFields {
+        stage,
+        encoder_model: &enc.model_name,
+        pooling: enc.pooling,
+        decoder_model: dec_name,
+        k,
+        projector: enc.projector_cfg,
+        policy_hidden: None,
+        parts,
+        step,
+    }
+    .build();
+    Checkpoint {
+        config,
+        vars,
+        copies,
+        decoder_config,
+    }
+}

@@ -1,0 +1,325 @@
+//! Training the selective-expansion policy with REINFORCE (`train_policy`). For each question,
+//! the policy scores every chunk from its projected embedding and the question vector; a group
+//! of expansion sets of `round(p * L)` chunks is sampled without replacement (Plackett-Luce, by
+//! Gumbel top-k, whose order is distributed as sequential sampling); the reward of a set is the
+//! mean log-likelihood of the gold answer (and end-of-turn token) under the frozen decoder with
+//! that input; the baseline is the group's mean reward and advantages are divided by the
+//! group's standard deviation (GRPO). The loss is `-mean(advantage * log P(order))`, the
+//! log-probability of exactly the sampled sequence. Only the policy trains: encoder, projector
+//! and decoder are the inference pipeline's own ([`Refrag`]).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+
+use super::optim::Group;
+use super::parts::{Checkpoint, ConfigFields};
+use super::qa::{answer_seq, qa_layout, QaData, QaLayoutArgs};
+use super::run::{Micro, Stats, Task};
+use super::seq::{forward_with_tables, weighted_mean, Seq};
+use super::vars::named_vars;
+use crate::pipeline::{Prepared, Refrag};
+use crate::policy::{Policy, PolicyConfig};
+use crate::projector::uniform;
+use crate::prompt::PromptLayout;
+use crate::retrieve::Retrieve;
+use crate::select::{num_expand, random_n, top_n};
+
+/// Seeded initial policy weights (Kaiming-uniform first layer, small output layer) in `varmap`.
+pub fn init_policy_vars(
+    varmap: &VarMap,
+    cfg: &PolicyConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut data = varmap.data().lock().unwrap();
+    let b1 = (3.0 / (3 * cfg.d) as f64).sqrt();
+    let b2 = 0.1 * (3.0 / cfg.hidden as f64).sqrt();
+    let tensors = [
+        (
+            "fc1.weight",
+            uniform(&mut rng, (cfg.hidden, 3 * cfg.d), b1, device)?,
+        ),
+        ("fc1.bias", Tensor::zeros(cfg.hidden, DType::F32, device)?),
+        (
+            "fc2.weight",
+            uniform(&mut rng, (1, cfg.hidden), b2, device)?,
+        ),
+        ("fc2.bias", Tensor::zeros(1, DType::F32, device)?),
+    ];
+    for (name, t) in tensors {
+        data.insert(name.to_string(), candle_core::Var::from_tensor(&t)?);
+    }
+    Ok(())
+}
+
+/// Draw `n` of the chunks without replacement under Plackett-Luce with `scores`, in the order
+/// drawn (Gumbel top-k: sort by score plus Gumbel noise).
+pub fn sample_order(scores: &[f32], n: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let mut keyed: Vec<(f64, usize)> = scores
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+            (f64::from(s) - (-u.ln()).ln(), i)
+        })
+        .collect();
+    keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    keyed.into_iter().take(n).map(|k| k.1).collect()
+}
+
+/// The expansion mask of an order.
+pub fn order_mask(order: &[usize], chunks: usize) -> Vec<bool> {
+    let mut m = vec![false; chunks];
+    for &i in order {
+        m[i] = true;
+    }
+    m
+}
+
+/// Group-normalised advantages: reward minus the group mean, divided by the group's standard
+/// deviation when it is not ~0.
+pub fn advantages(rewards: &[f64]) -> Vec<f64> {
+    let n = rewards.len().max(1) as f64;
+    let mean = rewards.iter().sum::<f64>() / n;
+    let var = rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n;
+    let std = var.sqrt();
+    let d = if std > 1e-6 { std } else { 1.0 };
+    rewards.iter().map(|r| (r - mean) / d).collect()
+}
+
+/// The REINFORCE surrogate `-mean_g(adv_g * log P(order_g))` over a group of sampled orders.
+pub fn reinforce_loss(scores: &Tensor, orders: &[Vec<usize>], adv: &[f64]) -> Result<Tensor> {
+    let mut loss = Tensor::zeros((), DType::F32, scores.device())?;
+    for (o, a) in orders.iter().zip(adv) {
+        let lp = Policy::log_prob(scores, o)?;
+        loss = (loss - (lp * *a)?)?;
+    }
+    Ok((loss / orders.len().max(1) as f64)?)
+}
+
+/// A policy-training run.
+pub struct PolicyTask {
+    pub refrag: Refrag,
+    pub policy: Policy,
+    pub vars: VarMap,
+    pub hidden: usize,
+    pub data: QaData,
+    pub retriever: Box<dyn Retrieve>,
+    pub layout: QaLayoutArgs,
+    pub p: f64,
+    pub group: usize,
+    /// Where the frozen encoder / trained decoder came from (copied into checkpoints).
+    pub load_dir: Option<PathBuf>,
+    pub encoder_model: String,
+}
+
+/// One question's layout and chunk embeddings.
+struct Question {
+    layout: PromptLayout,
+    embeds: Tensor,
+    question: Tensor,
+}
+
+impl PolicyTask {
+    fn question(&mut self, i: usize) -> Result<Question> {
+        let passages = self
+            .data
+            .passages(i, self.retriever.as_ref(), &self.layout)?;
+        let q = &self.data.pairs[i].question;
+        let layout = qa_layout(
+            &self.refrag.dtok,
+            q,
+            &passages,
+            self.layout.k,
+            self.layout.ctx_max,
+        )?;
+        let prep = Prepared {
+            layout,
+            cache_ids: None,
+            cached_scores: None,
+            question: q.clone(),
+        };
+        let all: Vec<usize> = (0..prep.layout.chunks.len()).collect();
+        let embeds = if all.is_empty() {
+            Tensor::zeros(
+                (0, self.refrag.decoder.hidden_size()),
+                DType::F32,
+                &self.refrag.device,
+            )?
+        } else {
+            let v = self.refrag.chunk_vectors(&prep, &all, None)?;
+            self.refrag.encoder.project(&v)?.detach()
+        };
+        let question = self.refrag.question_vector(q)?;
+        Ok(Question {
+            layout: prep.layout,
+            embeds,
+            question,
+        })
+    }
+
+    /// Mean answer log-likelihood (reward) of pair `i` for each mask.
+    fn rewards(&self, i: usize, qn: &Question, masks: Vec<Vec<bool>>) -> Result<Vec<f64>> {
+        let pair = &self.data.pairs[i];
+        let seqs = masks
+            .into_iter()
+            .map(|m| answer_seq(&self.refrag.dtok, qn.layout.clone(), m, pair))
+            .collect::<Result<Vec<Seq>>>()?;
+        let tables = vec![Some(qn.embeds.clone()); seqs.len()];
+        let out = forward_with_tables(&self.refrag.decoder, &seqs, tables)?;
+        Ok(out.nll.iter().map(|n| -n).collect())
+    }
+
+    /// The surrogate loss of one question, or `None` when `p` leaves nothing to choose.
+    fn question_loss(
+        &mut self,
+        i: usize,
+        rng: &mut ChaCha8Rng,
+        stats: &mut Stats,
+    ) -> Result<Option<Tensor>> {
+        let qn = self.question(i)?;
+        let l = qn.layout.chunks.len();
+        let n = num_expand(self.p, l);
+        if n == 0 || n == l {
+            return Ok(None);
+        }
+        let scores = self.policy.scores(&qn.embeds, &qn.question)?;
+        let s: Vec<f32> = scores.to_vec1()?;
+        let orders: Vec<Vec<usize>> = (0..self.group).map(|_| sample_order(&s, n, rng)).collect();
+        let masks = orders.iter().map(|o| order_mask(o, l)).collect();
+        let rewards = self.rewards(i, &qn, masks)?;
+        for r in &rewards {
+            stats.note("reward", *r);
+        }
+        Ok(Some(reinforce_loss(
+            &scores,
+            &orders,
+            &advantages(&rewards),
+        )?))
+    }
+}
+
+impl Task for PolicyTask {
+    fn stage(&self) -> &'static str {
+        "train_policy"
+    }
+
+    fn groups(&self) -> Vec<Group> {
+        vec![Group {
+            name: "policy".into(),
+            vars: named_vars(&self.vars),
+            lr_scale: 1.0,
+        }]
+    }
+
+    fn num_train(&self) -> usize {
+        self.data.train.len()
+    }
+
+    fn micro(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Micro>> {
+        let mut stats = Stats::default();
+        let mut losses = Vec::new();
+        for &j in items {
+            if let Some(l) = self.question_loss(self.data.train[j], rng, &mut stats)? {
+                losses.push(l);
+            }
+        }
+        if losses.is_empty() {
+            return Ok(None);
+        }
+        let loss = (Tensor::stack(&losses, 0)?.sum_all()? / losses.len() as f64)?;
+        stats.loss = f64::from(loss.to_scalar::<f32>()?);
+        stats.micro = 1;
+        Ok(Some(Micro { loss, stats }))
+    }
+
+    fn evaluate(&mut self) -> Result<Value> {
+        let names = ["policy", "random", "none_p0", "all_p1"];
+        let mut sums = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        let mut counts = Vec::new();
+        for i in self.data.eval.clone() {
+            let qn = self.question(i)?;
+            let l = qn.layout.chunks.len();
+            let n = num_expand(self.p, l);
+            let s: Vec<f32> = if l == 0 {
+                Vec::new()
+            } else {
+                self.policy.scores(&qn.embeds, &qn.question)?.to_vec1()?
+            };
+            let masks = vec![
+                top_n(&s, n),
+                random_n(l, n, i as u64),
+                vec![false; l],
+                vec![true; l],
+            ];
+            let r = self.rewards(i, &qn, masks)?;
+            for (k, v) in r.into_iter().enumerate() {
+                sums[k].push(-v);
+            }
+            let answer = self
+                .refrag
+                .dtok
+                .encode(&self.data.pairs[i].answers[0], false)?;
+            counts.push(answer.len() + 1);
+        }
+        let mut out = serde_json::Map::new();
+        for (name, nll) in names.iter().zip(&sums) {
+            out.insert(
+                format!("answer_loglik_{name}"),
+                json!(-weighted_mean(nll, &counts)),
+            );
+        }
+        out.insert("p".into(), json!(self.p));
+        Ok(Value::Object(out))
+    }
+
+    fn checkpoint(&self, step: usize) -> Result<Checkpoint<'_>> {
+        let mut parts = vec!["projector", "policy"];
+        let mut copies = Vec::new();
+        if let Some(dir) = &self.load_dir {
+            let cfg = crate::checkpoint::RefragConfig::read(dir)?;
+            for part in ["encoder", "decoder"] {
+                if cfg.has(part) {
+                    copies.push((part, dir.clone()));
+                    parts.push(part);
+                }
+            }
+        }
+        let config = ConfigFields {
+            stage: "train_policy",
+            encoder_model: &self.encoder_model,
+            pooling: self.refrag.encoder.pooling(),
+            decoder_model: &self.refrag.decoder_name,
+            k: self.layout.k,
+            projector: self.refrag.encoder.projector_config(),
+            policy_hidden: Some(self.hidden),
+            parts,
+            step,
+        }
+        .build();
+        Ok(Checkpoint {
+            config,
+            vars: vec![
+                ("projector", &self.refrag.encoder.projector_vars),
+                ("policy", &self.vars),
+            ],
+            copies,
+            decoder_config: None,
+        })
+    }
+}
+
+/// Build a policy over `varmap` (already initialised or loaded).
+pub fn policy_over(varmap: &VarMap, cfg: &PolicyConfig, device: &Device) -> Result<Policy> {
+    Ok(Policy::new(
+        cfg,
+        VarBuilder::from_varmap(varmap, DType::F32, device),
+    )?)
+}

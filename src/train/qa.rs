@@ -1,0 +1,124 @@
+//! Question/answer data for `sft` and `train_policy`: the pairs of `--rag_json` (the last
+//! `eval_items` held out), their retrieved passages (the same [`Retriever`] `generate` uses,
+//! fetched once per question), and the decoder input laid out exactly as `generate` lays it
+//! out (`Template::new` over the chat template, passages cut in chunks of `k`, capped at
+//! `ctx_max`) with the gold answer and the end-of-turn token as targets.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use super::seq::Seq;
+use crate::cli::RetrievalMode;
+use crate::corpus::QaPair;
+use crate::decoder::DecoderTokenizer;
+use crate::prompt::{cap_chunks, chunk_tokens, PromptLayout, Template};
+use crate::retrieve::Retrieve;
+
+/// How passages are retrieved and laid out.
+#[derive(Debug, Clone, Copy)]
+pub struct QaLayoutArgs {
+    pub topk: usize,
+    pub mode: RetrievalMode,
+    pub k: usize,
+    pub ctx_max: usize,
+}
+
+/// QA pairs with a held-out split and a cache of retrieved passages.
+pub struct QaData {
+    pub pairs: Vec<QaPair>,
+    pub train: Vec<usize>,
+    pub eval: Vec<usize>,
+    passages: HashMap<usize, Vec<String>>,
+}
+
+impl QaData {
+    /// Read `--rag_json` and hold out its last `eval_items` pairs.
+    pub fn load(path: &Path, eval_items: usize) -> Result<Self> {
+        let pairs: Vec<QaPair> = crate::jsonio::read_jsonl(path)?;
+        if let Some(p) = pairs.iter().find(|p| p.answers.is_empty()) {
+            bail!(
+                "--rag_json {}: pair '{}' has no answer",
+                path.display(),
+                p.id
+            );
+        }
+        Self::new(pairs, eval_items).with_context(|| format!("--rag_json {}", path.display()))
+    }
+
+    pub fn new(pairs: Vec<QaPair>, eval_items: usize) -> Result<Self> {
+        let n = pairs.len();
+        if eval_items >= n {
+            bail!("--eval_items {eval_items} leaves no training pair of {n}");
+        }
+        Ok(Self {
+            pairs,
+            train: (0..n - eval_items).collect(),
+            eval: (n - eval_items..n).collect(),
+            passages: HashMap::new(),
+        })
+    }
+
+    /// The retrieved passages of pair `i` (cached).
+    pub fn passages(
+        &mut self,
+        i: usize,
+        retriever: &dyn Retrieve,
+        a: &QaLayoutArgs,
+    ) -> Result<Vec<String>> {
+        if let Some(p) = self.passages.get(&i) {
+            return Ok(p.clone());
+        }
+        let hits = retriever.retrieve(&self.pairs[i].question, a.topk, a.mode)?;
+        let texts: Vec<String> = hits.into_iter().map(|h| h.text).collect();
+        self.passages.insert(i, texts.clone());
+        Ok(texts)
+    }
+}
+
+/// The layout `generate` builds for `question` over `passages` (no chunk cache).
+pub fn qa_layout(
+    dtok: &DecoderTokenizer,
+    question: &str,
+    passages: &[String],
+    k: usize,
+    ctx_max: usize,
+) -> Result<PromptLayout> {
+    let (before, after) = dtok.chat_parts(None);
+    let template = Template::new(&before, &after, question, |t| dtok.encode(t, false))?;
+    let per_passage = passages
+        .iter()
+        .map(|p| Ok(chunk_tokens(&dtok.encode(p, false)?, k)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(PromptLayout::new(
+        &template,
+        &cap_chunks(&per_passage, ctx_max),
+    ))
+}
+
+/// The token that ends an answer: the chat template's end of turn, else the first EOS id.
+pub fn end_token(dtok: &DecoderTokenizer) -> Result<u32> {
+    if let Some(text) = dtok.chat().end_of_turn() {
+        if let [id] = dtok.encode(text, false)?.as_slice() {
+            return Ok(*id);
+        }
+    }
+    match dtok.eos_ids().first() {
+        Some(&id) => Ok(id),
+        None => {
+            bail!("the decoder's tokenizer has no end-of-turn or EOS token to end answers with")
+        }
+    }
+}
+
+/// The training sequence of pair `pair` over its layout with expansion `mask`.
+pub fn answer_seq(
+    dtok: &DecoderTokenizer,
+    layout: PromptLayout,
+    mask: Vec<bool>,
+    pair: &QaPair,
+) -> Result<Seq> {
+    let answer = dtok.encode(&pair.answers[0], false)?;
+    Ok(Seq::answer(layout, mask, &answer, end_token(dtok)?))
+}

@@ -1,0 +1,299 @@
+//! Teacher-forced sequences, the unit every trainer computes a loss on. A [`Seq`] is a
+//! [`PromptLayout`] (the same layout inference assembles), an expansion mask, and target tokens:
+//! the layout's last template segment ends with the targets minus their last token, so the last
+//! `targets.len()` positions of the assembled input predict the targets. Reconstruction, next
+//! paragraph and answers are all this shape:
+//!
+//! - CPT-A: chunks of `x_1..x_s` all compressed, then `x_1..x_{s-1}`; targets `x_1..x_s`;
+//! - CPT-B: chunks of the context (some expanded), then `y_1..y_{o-1}`; targets `y_1..y_o`;
+//! - QA: the inference template with the passages' chunks, then the answer; targets the answer
+//!   and the end-of-turn token.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use candle_core::{DType, Tensor, D};
+
+use crate::decoder::{Decoder, DecoderTokenizer, Logits};
+use crate::prompt::{chunk_tokens, PromptLayout, Segment, Template};
+
+/// One teacher-forced sequence.
+#[derive(Debug, Clone)]
+pub struct Seq {
+    pub layout: PromptLayout,
+    /// Which chunks are expanded to tokens.
+    pub mask: Vec<bool>,
+    pub targets: Vec<u32>,
+}
+
+impl Seq {
+    /// A layout around `chunks` (one passage) with `before` and, after the chunks, the targets
+    /// minus the last one.
+    pub fn new(
+        before: Vec<u32>,
+        chunks: Vec<Vec<u32>>,
+        targets: Vec<u32>,
+        mask: Vec<bool>,
+    ) -> Self {
+        let template = Template {
+            before,
+            between: Vec::new(),
+            after: targets[..targets.len().saturating_sub(1)].to_vec(),
+        };
+        let passages = if chunks.is_empty() {
+            vec![]
+        } else {
+            vec![chunks]
+        };
+        Self {
+            layout: PromptLayout::new(&template, &passages),
+            mask,
+            targets,
+        }
+    }
+
+    /// CPT-A: reconstruct `tokens` from their chunks of `k`, all compressed.
+    pub fn reconstruction(tokens: &[u32], k: usize) -> Self {
+        let chunks = chunk_tokens(tokens, k);
+        let n = chunks.len();
+        Self::new(Vec::new(), chunks, tokens.to_vec(), vec![false; n])
+    }
+
+    /// CPT-B: predict `cont` after the context `ctx` cut in chunks of `k`, expanded per `mask`.
+    pub fn next_paragraph(ctx: &[u32], cont: &[u32], k: usize, mask: Vec<bool>) -> Self {
+        Self::new(Vec::new(), chunk_tokens(ctx, k), cont.to_vec(), mask)
+    }
+
+    /// `cont` with no context but `bos` (if any) before it.
+    pub fn no_context(bos: Option<u32>, cont: &[u32]) -> Self {
+        Self::new(
+            bos.into_iter().collect(),
+            Vec::new(),
+            cont.to_vec(),
+            Vec::new(),
+        )
+    }
+
+    /// A QA layout from inference's `prepare`, with the answer tokens appended after the
+    /// template; the targets are the answer and then `end` (end of turn).
+    pub fn answer(mut layout: PromptLayout, mask: Vec<bool>, answer: &[u32], end: u32) -> Self {
+        if let Some(Segment::Tokens(t)) = layout.segments.last_mut() {
+            t.extend_from_slice(answer);
+        }
+        let mut targets = answer.to_vec();
+        targets.push(end);
+        Self {
+            layout,
+            mask,
+            targets,
+        }
+    }
+
+    /// Positions of the assembled input.
+    pub fn positions(&self) -> usize {
+        self.layout.num_positions(&self.mask)
+    }
+}
+
+/// Losses and counts of a batch of sequences.
+pub struct SeqOut {
+    /// Mean negative log-likelihood over every target of the batch (differentiable).
+    pub loss: Tensor,
+    /// Per sequence: mean negative log-likelihood of its targets.
+    pub nll: Vec<f64>,
+    pub tokens: usize,
+    /// Targets that were the arg-max prediction.
+    pub correct: usize,
+}
+
+/// Run the decoder on each sequence (sequences of equal length share one forward pass) and
+/// score the targets. `embed_chunks` maps chunk texts to projected embeddings `(n, d)`; only
+/// the compressed chunks are encoded. Gradients flow to whatever `embed_chunks` and the
+/// decoder's variables track.
+pub fn forward_seqs(
+    embed_chunks: &dyn Fn(&[&str]) -> Result<Tensor>,
+    decoder: &Decoder,
+    dtok: &DecoderTokenizer,
+    seqs: &[Seq],
+) -> Result<SeqOut> {
+    let tables = chunk_tables(embed_chunks, decoder, dtok, seqs)?;
+    forward_with_tables(decoder, seqs, tables)
+}
+
+/// [`forward_seqs`] with each sequence's `(L, d)` chunk-embedding table given (rows of
+/// expanded chunks are not read; `None` when every chunk is expanded).
+pub fn forward_with_tables(
+    decoder: &Decoder,
+    seqs: &[Seq],
+    tables: Vec<Option<Tensor>>,
+) -> Result<SeqOut> {
+    let dev = decoder.device();
+    // Group sequences by (positions, targets) so each group is one batched forward pass.
+    let mut groups: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+    for (i, s) in seqs.iter().enumerate() {
+        groups
+            .entry((s.positions(), s.targets.len()))
+            .or_default()
+            .push(i);
+    }
+    let mut total: Option<Tensor> = None;
+    let (mut tokens, mut correct) = (0usize, 0usize);
+    let mut nll = vec![0f64; seqs.len()];
+    for ((p, m), idx) in groups {
+        let g = score_group(decoder, seqs, &tables, &idx, p, m)?;
+        for (&i, v) in idx.iter().zip(g.nll) {
+            nll[i] = v;
+        }
+        correct += g.correct;
+        tokens += idx.len() * m;
+        total = Some(match total {
+            Some(t) => (t + g.sum)?,
+            None => g.sum,
+        });
+    }
+    let loss = match total {
+        Some(t) => (t / tokens.max(1) as f64)?,
+        None => Tensor::zeros((), DType::F32, dev)?,
+    };
+    Ok(SeqOut {
+        loss,
+        nll,
+        tokens,
+        correct,
+    })
+}
+
+/// The scores of one group of sequences with `p` positions and `m` targets each.
+struct GroupScore {
+    /// Sum of the targets' negative log-likelihoods (differentiable).
+    sum: Tensor,
+    /// Per sequence of the group: mean negative log-likelihood.
+    nll: Vec<f64>,
+    correct: usize,
+}
+
+fn score_group(
+    decoder: &Decoder,
+    seqs: &[Seq],
+    tables: &[Option<Tensor>],
+    idx: &[usize],
+    p: usize,
+    m: usize,
+) -> Result<GroupScore> {
+    let dev = decoder.device();
+    let xs = idx
+        .iter()
+        .map(|&i| {
+            let embed = |ids: &Tensor| Ok(decoder.embed(ids)?);
+            seqs[i]
+                .layout
+                .assemble(embed, tables[i].as_ref(), &seqs[i].mask, dev)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let x = Tensor::cat(&xs, 0)?; // (b, p, d)
+    let logits = decoder.forward_embeds(&x, None, Logits::All)?; // (b, p, V)
+    let logits = logits.narrow(1, p - m, m)?.reshape((idx.len() * m, ()))?;
+    let targets: Vec<u32> = idx.iter().flat_map(|&i| seqs[i].targets.clone()).collect();
+    let t = Tensor::new(targets.as_slice(), dev)?;
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let tok_nll = logp.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?; // (b * m)
+    let per: Vec<f32> = tok_nll.to_vec1()?;
+    let nll = per
+        .chunks(m)
+        .map(|c| c.iter().map(|&x| f64::from(x)).sum::<f64>() / m as f64)
+        .collect();
+    let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    let correct = pred.iter().zip(&targets).filter(|(a, b)| a == b).count();
+    Ok(GroupScore {
+        sum: tok_nll.sum_all()?,
+        nll,
+        correct,
+    })
+}
+
+/// For each sequence, the `(L, d)` table of chunk embeddings (rows of expanded chunks zero), or
+/// `None` when it has no compressed chunk. All compressed chunks go through `embed_chunks` once.
+fn chunk_tables(
+    embed_chunks: &dyn Fn(&[&str]) -> Result<Tensor>,
+    decoder: &Decoder,
+    dtok: &DecoderTokenizer,
+    seqs: &[Seq],
+) -> Result<Vec<Option<Tensor>>> {
+    let mut texts = Vec::new();
+    for s in seqs {
+        for (c, &expanded) in s.layout.chunks.iter().zip(&s.mask) {
+            if !expanded {
+                texts.push(dtok.decode(&c.tokens)?);
+            }
+        }
+    }
+    if texts.is_empty() {
+        return Ok(vec![None; seqs.len()]);
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let e = embed_chunks(&refs)?; // (n, d)
+    let d = e.dim(1)?;
+    let table = Tensor::cat(&[&Tensor::zeros((1, d), e.dtype(), e.device())?, &e], 0)?;
+    let mut next = 1u32;
+    let mut out = Vec::with_capacity(seqs.len());
+    for s in seqs {
+        if s.mask.iter().all(|&m| m) {
+            out.push(None);
+            continue;
+        }
+        let rows: Vec<u32> = s
+            .mask
+            .iter()
+            .map(|&expanded| {
+                if expanded {
+                    0
+                } else {
+                    next += 1;
+                    next - 1
+                }
+            })
+            .collect();
+        let rows = Tensor::new(rows, decoder.device())?;
+        out.push(Some(table.index_select(&rows, 0)?));
+    }
+    Ok(out)
+}
+
+/// Perplexity of a mean negative log-likelihood.
+pub fn perplexity(mean_nll: f64) -> f64 {
+    mean_nll.exp()
+}
+
+/// Mean of per-sequence values weighted by their target counts.
+pub fn weighted_mean(values: &[f64], counts: &[usize]) -> f64 {
+    let n: usize = counts.iter().sum();
+    values
+        .iter()
+        .zip(counts)
+        .map(|(v, &c)| v * c as f64)
+        .sum::<f64>()
+        / n.max(1) as f64
+}
+
+/// Target counts of sequences.
+pub fn target_counts(seqs: &[Seq]) -> Vec<usize> {
+    seqs.iter().map(|s| s.targets.len()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconstruction_layout_predicts_every_token_from_the_chunks() {
+        let s = Seq::reconstruction(&[5, 6, 7, 8, 9], 2);
+        assert_eq!(s.layout.chunks.len(), 3);
+        // 3 chunk positions, then x1..x4: the last 5 positions predict x1..x5.
+        assert_eq!(s.positions(), 3 + 4);
+        assert_eq!(s.targets, vec![5, 6, 7, 8, 9]);
+        let n = Seq::next_paragraph(&[1, 2, 3, 4], &[7, 8], 2, vec![true, false]);
+        assert_eq!(n.positions(), 2 + 1 + 1);
+        let z = Seq::no_context(Some(1), &[7, 8]);
+        assert_eq!(z.positions(), 2);
+    }
+}

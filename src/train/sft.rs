@@ -1,0 +1,137 @@
+//! Supervised fine-tuning on question/answer pairs (`sft`, the paper's step after CPT): the
+//! retrieved passages are compressed with a random expansion fraction drawn uniformly from
+//! [0, 1] per example, so the same weights serve every `--p`; the loss is on the answer tokens
+//! and the end-of-turn token only. Encoder, projector and (unless frozen) decoder train.
+//! Evaluation: answer log-likelihood and token accuracy on held-out pairs at p = 0, 0.25, 1.
+
+use anyhow::Result;
+use candle_core::Tensor;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+
+use super::encoder::TrainEncoder;
+use super::optim::Group;
+use super::parts::{enc_dec_checkpoint, enc_dec_groups, Checkpoint, TrainDecoder};
+use super::qa::{answer_seq, qa_layout, QaData, QaLayoutArgs};
+use super::run::{Micro, Stats, Task};
+use super::seq::{forward_seqs, target_counts, weighted_mean, Seq, SeqOut};
+use crate::retrieve::Retrieve;
+use crate::select::{num_expand, random_n};
+
+/// A fine-tuning run.
+pub struct SftTask {
+    pub enc: TrainEncoder,
+    pub dec: TrainDecoder,
+    pub data: QaData,
+    pub retriever: Box<dyn Retrieve>,
+    pub layout: QaLayoutArgs,
+    pub dec_name: String,
+    pub dec_lr_scale: f64,
+    pub eval_batch: usize,
+}
+
+impl SftTask {
+    /// The sequence of pair `i` with `expand` chunks expanded, chosen with `seed`.
+    fn seq(&mut self, i: usize, p: f64, seed: u64) -> Result<Seq> {
+        let passages = self
+            .data
+            .passages(i, self.retriever.as_ref(), &self.layout)?;
+        let pair = &self.data.pairs[i];
+        let layout = qa_layout(
+            &self.dec.tok,
+            &pair.question,
+            &passages,
+            self.layout.k,
+            self.layout.ctx_max,
+        )?;
+        let l = layout.chunks.len();
+        let mask = random_n(l, num_expand(p, l), seed);
+        answer_seq(&self.dec.tok, layout, mask, pair)
+    }
+
+    fn forward(&self, seqs: &[Seq], grad: bool) -> Result<SeqOut> {
+        let embed = |texts: &[&str]| -> Result<Tensor> {
+            let e = self.enc.embed(texts)?;
+            Ok(if grad { e } else { e.detach() })
+        };
+        forward_seqs(&embed, &self.dec.decoder, &self.dec.tok, seqs)
+    }
+}
+
+impl Task for SftTask {
+    fn stage(&self) -> &'static str {
+        "sft"
+    }
+
+    fn groups(&self) -> Vec<Group> {
+        enc_dec_groups(&self.enc, &self.dec, self.dec_lr_scale)
+    }
+
+    fn num_train(&self) -> usize {
+        self.data.train.len()
+    }
+
+    fn micro(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Micro>> {
+        let mut seqs = Vec::with_capacity(items.len());
+        let mut fracs = Vec::new();
+        for &j in items {
+            let p: f64 = rng.random();
+            fracs.push(p);
+            seqs.push(self.seq(self.data.train[j], p, rng.random())?);
+        }
+        let out = self.forward(&seqs, true)?;
+        let mut stats = Stats {
+            loss: f64::from(out.loss.to_scalar::<f32>()?),
+            micro: 1,
+            tokens: out.tokens,
+            correct: out.correct,
+            ..Default::default()
+        };
+        for p in fracs {
+            stats.note("p", p);
+        }
+        Ok(Some(Micro {
+            loss: out.loss,
+            stats,
+        }))
+    }
+
+    fn evaluate(&mut self) -> Result<Value> {
+        let mut out = serde_json::Map::new();
+        for p in [0.0, 0.25, 1.0] {
+            let ids = self.data.eval.clone();
+            let seqs = ids
+                .iter()
+                .map(|&i| self.seq(i, p, i as u64))
+                .collect::<Result<Vec<_>>>()?;
+            let (mut nll, mut tokens, mut correct) = (Vec::new(), 0, 0);
+            for b in seqs.chunks(self.eval_batch.max(1)) {
+                let o = self.forward(b, false)?;
+                nll.extend(o.nll);
+                tokens += o.tokens;
+                correct += o.correct;
+            }
+            out.insert(
+                format!("answer_p{p}"),
+                json!({
+                    "answer_loglik": -weighted_mean(&nll, &target_counts(&seqs)),
+                    "token_acc": correct as f64 / tokens.max(1) as f64,
+                    "tokens": tokens,
+                }),
+            );
+        }
+        Ok(Value::Object(out))
+    }
+
+    fn checkpoint(&self, step: usize) -> Result<Checkpoint<'_>> {
+        Ok(enc_dec_checkpoint(
+            &self.enc,
+            &self.dec,
+            "sft",
+            &self.dec_name,
+            self.layout.k,
+            step,
+        ))
+    }
+}

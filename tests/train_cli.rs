@@ -1,0 +1,308 @@
+//! The training commands end to end: the real binary on tiny random models in a fresh temporary
+//! directory. Each command writes `config.json`, its safetensors parts, `train_log.jsonl` and
+//! `eval.json`; the next stage and `generate --load_dir` use them (a trained decoder, a trained
+//! policy); misuse fails with one line naming the flag.
+
+mod train_fixture;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use train_fixture::Fixture;
+
+fn refrag(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_refrag"))
+        .args(args)
+        .output()
+        .expect("running refrag")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok_json(o: &Output) -> Value {
+    assert!(o.status.success(), "stderr: {}", stderr(o));
+    serde_json::from_slice(&o.stdout).expect("stdout is one JSON object")
+}
+
+/// The last stderr line of a failed run.
+fn error_line(o: &Output) -> String {
+    assert!(
+        !o.status.success(),
+        "expected failure; stderr: {}",
+        stderr(o)
+    );
+    stderr(o).lines().last().unwrap_or_default().to_string()
+}
+
+fn config(dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
+}
+
+fn parts(dir: &Path) -> Vec<String> {
+    config(dir)["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
+impl Fixture {
+    fn cpt(&self, cmd: &str, out: &str, extra: &[&str]) -> Output {
+        let (t, e, d, o) = (
+            self.s("cpt.jsonl"),
+            self.s("enc"),
+            self.s("dec"),
+            self.s(out),
+        );
+        let mut defaults = vec![
+            ("--train_json", t.as_str()),
+            ("--k", "4"),
+            ("--max_chunks", "2"),
+            ("--steps", "3"),
+            ("--batch_size", "2"),
+            ("--eval_items", "2"),
+            ("--log_every", "1"),
+            ("--out_dir", o.as_str()),
+            ("--device", "cpu"),
+        ];
+        if !extra.contains(&"--load_dir") && !extra.contains(&"--resume") {
+            defaults.extend([("--enc", e.as_str()), ("--dec", d.as_str())]);
+        }
+        refrag(&with_defaults(cmd, &defaults, extra))
+    }
+
+    fn index(&self) {
+        let (c, i, e) = (self.s("corpus.txt"), self.s("idx"), self.s("enc"));
+        let o = refrag(&[
+            "index",
+            "--corpus",
+            &c,
+            "--index_dir",
+            &i,
+            "--embed_model",
+            &e,
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+
+    fn qa(&self, cmd: &str, out: &str, extra: &[&str]) -> Output {
+        let (q, i, o) = (self.s("qa.jsonl"), self.s("idx"), self.s(out));
+        let defaults = [
+            ("--rag_json", q.as_str()),
+            ("--index_dir", i.as_str()),
+            ("--topk", "2"),
+            ("--k", "4"),
+            ("--steps", "2"),
+            ("--batch_size", "2"),
+            ("--eval_items", "2"),
+            ("--log_every", "1"),
+            ("--out_dir", o.as_str()),
+            ("--device", "cpu"),
+        ];
+        refrag(&with_defaults(cmd, &defaults, extra))
+    }
+
+    fn generate(&self, load_dir: &str) -> Value {
+        let (i, l) = (self.s("idx"), self.s(load_dir));
+        ok_json(&refrag(&[
+            "generate",
+            "--index_dir",
+            &i,
+            "--load_dir",
+            &l,
+            "--question",
+            "Which river flows through City_3?",
+            "--topk",
+            "2",
+            "--k",
+            "4",
+            "--max_new",
+            "3",
+            "--quiet",
+            "--device",
+            "cpu",
+        ]))
+    }
+}
+
+/// `cmd`, the `defaults` whose flag `extra` does not give, `extra`, and `--quiet`.
+fn with_defaults<'a>(
+    cmd: &'a str,
+    defaults: &[(&'a str, &'a str)],
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![cmd, "--quiet"];
+    for (flag, value) in defaults {
+        if !extra.contains(flag) {
+            args.extend([*flag, *value]);
+        }
+    }
+    args.extend_from_slice(extra);
+    args
+}
+
+fn assert_run_files(dir: &Path, stage: &str, steps: usize) {
+    for f in [
+        "config.json",
+        "train_log.jsonl",
+        "eval.json",
+        "optimizer.safetensors",
+        "train_state.json",
+    ] {
+        assert!(dir.join(f).is_file(), "{stage}: no {f}");
+    }
+    for p in parts(dir) {
+        assert!(
+            dir.join(format!("{p}.safetensors")).is_file(),
+            "{stage}: no {p}.safetensors"
+        );
+    }
+    let c = config(dir);
+    assert_eq!(c["stage"], stage);
+    assert_eq!(c["step"], steps);
+    let log = std::fs::read_to_string(dir.join("train_log.jsonl")).unwrap();
+    let last: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], steps);
+    for key in ["loss", "lr", "sec_per_step"] {
+        assert!(last[key].is_number(), "{stage}: log lacks {key}: {last}");
+    }
+}
+
+#[test]
+fn cpt_recon_then_cpt_next_then_generate_with_the_trained_decoder() {
+    let f = Fixture::new();
+    let out = ok_json(&f.cpt("cpt_recon", "recon", &[]));
+    assert_eq!(out["stage"], "cpt_recon");
+    assert!(
+        out["eval"]["start"]["recon_2_chunks"]["token_acc"].is_number(),
+        "{out}"
+    );
+    assert!(
+        out["eval"]["end"]["recon_1_chunks"]["ppl"].is_number(),
+        "{out}"
+    );
+    assert_run_files(&f.path("recon"), "cpt_recon", 3);
+    assert_eq!(parts(&f.path("recon")), ["encoder", "projector"]);
+    assert_eq!(config(&f.path("recon"))["encoder_pooling"], "mean");
+
+    // Starting again over a checkpoint needs --resume or --force.
+    let line = error_line(&f.cpt("cpt_recon", "recon", &[]));
+    assert!(
+        line.contains("--resume") && line.contains("--force"),
+        "{line}"
+    );
+
+    let recon = f.s("recon");
+    let out = ok_json(&f.cpt(
+        "cpt_next",
+        "next",
+        &["--load_dir", &recon, "--s", "16", "--o", "8"],
+    ));
+    assert!(
+        out["eval"]["end"]["next_full_p1"]["ppl"].is_number(),
+        "{out}"
+    );
+    assert!(
+        out["eval"]["end"]["next_no_context"]["ppl"].is_number(),
+        "{out}"
+    );
+    assert_run_files(&f.path("next"), "cpt_next", 3);
+    assert_eq!(parts(&f.path("next")), ["encoder", "projector", "decoder"]);
+    assert!(f.path("next/decoder_config.json").is_file());
+
+    f.index();
+    let g = f.generate("next");
+    assert_eq!(g["meta"]["projector_trained"], true, "{g}");
+    assert!(g["meta"]["generated_tokens"].as_u64().unwrap() <= 3);
+}
+
+#[test]
+fn sft_then_train_policy_then_generate_selects_with_the_policy() {
+    let f = Fixture::new();
+    ok_json(&f.cpt("cpt_recon", "recon", &["--steps", "1"]));
+    f.index();
+    let recon = f.s("recon");
+    let out = ok_json(&f.qa("sft", "sft", &["--load_dir", &recon]));
+    assert!(
+        out["eval"]["end"]["answer_p0"]["answer_loglik"].is_number(),
+        "{out}"
+    );
+    assert_run_files(&f.path("sft"), "sft", 2);
+    assert_eq!(parts(&f.path("sft")), ["encoder", "projector", "decoder"]);
+
+    let sft = f.s("sft");
+    let pol = [
+        "--load_dir",
+        &sft,
+        "--p",
+        "0.5",
+        "--group",
+        "3",
+        "--policy_hidden",
+        "8",
+        "--topk",
+        "3",
+    ];
+    let out = ok_json(&f.qa("train_policy", "pol", &pol));
+    assert!(
+        out["eval"]["start"]["answer_loglik_policy"].is_number(),
+        "{out}"
+    );
+    assert!(
+        out["eval"]["end"]["answer_loglik_random"].is_number(),
+        "{out}"
+    );
+    assert_run_files(&f.path("pol"), "train_policy", 2);
+    assert_eq!(
+        parts(&f.path("pol")),
+        ["projector", "policy", "encoder", "decoder"]
+    );
+    assert_eq!(config(&f.path("pol"))["policy_hidden"], 8);
+
+    let g = f.generate("pol");
+    assert_eq!(g["meta"]["select"], "policy", "{g}");
+
+    // --resume continues the checkpoint's step counter.
+    let mut more: Vec<&str> = pol.to_vec();
+    more.extend(["--resume", "--steps", "3"]);
+    let out = ok_json(&f.qa("train_policy", "pol", &more));
+    assert_eq!(out["step"], 3);
+    let log = std::fs::read_to_string(f.path("pol/train_log.jsonl")).unwrap();
+    let steps: Vec<u64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3]);
+}
+
+#[test]
+fn misuse_fails_in_one_line_naming_the_flag() {
+    let f = Fixture::new();
+    let line = error_line(&f.cpt("cpt_recon", "none", &["--resume"]));
+    assert!(
+        line.contains("--resume") && line.contains("no cpt_recon checkpoint"),
+        "{line}"
+    );
+    let line = error_line(&f.cpt("cpt_recon", "x", &["--curriculum", "1:1;2"]));
+    assert!(line.contains("--curriculum"), "{line}");
+    ok_json(&f.cpt("cpt_recon", "recon", &["--steps", "1", "--eval_items", "0"]));
+    let (recon, enc) = (f.s("recon"), f.s("enc"));
+    let line = error_line(&f.cpt("cpt_next", "next", &["--load_dir", &recon, "--dec", &enc]));
+    assert!(line.contains("--dec") && line.contains("differs"), "{line}");
+    let line = error_line(&f.cpt("cpt_next", "recon", &["--resume"]));
+    assert!(
+        line.contains("holds a cpt_recon checkpoint, not cpt_next"),
+        "{line}"
+    );
+    let line = error_line(&f.cpt("cpt_recon", "y", &["--eval_items", "8"]));
+    assert!(line.contains("--eval_items 8"), "{line}");
+}
