@@ -155,6 +155,20 @@ mod tests {
     }
 
     #[test]
+    fn qwen25_default_system_is_found_past_the_tools_branch() {
+        let t = "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}{%- endif %}{%- else %}{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- endif %}";
+        let c = ChatTemplate::detect(Some(t), None);
+        assert_eq!(
+            c,
+            ChatTemplate::ChatMl {
+                default_system: Some(
+                    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.".into()
+                )
+            }
+        );
+    }
+
+    #[test]
     fn chatml_without_default_system() {
         let t = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}";
         let c = ChatTemplate::detect(Some(t), None);
