@@ -185,6 +185,8 @@ pub fn plot_svg(rows: &[BenchRow], path: &Path) -> Result<()> {
         .configure_mesh()
         .x_desc("context tokens")
         .y_desc("TTFT (s)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y}"))
         .draw()
         .map_err(|e| draw(&e))?;
     for (i, (label, pts)) in series.iter().enumerate() {
