@@ -13,8 +13,8 @@ use serde_json::json;
 
 use crate::checkpoint::RefragConfig;
 use crate::chunk_cache::ChunkCache;
-use crate::cli::{EvalArgs, EvalMode, RetrievalMode, SelectMode};
-use crate::commands::generate::{decoder_arg, usable_cache, validate_compress};
+use crate::cli::{EvalArgs, EvalMode, SelectMode};
+use crate::commands::generate::{open_pipeline, validate_compress};
 use crate::corpus::QaPair;
 use crate::eval::{self, mean, median};
 use crate::pipeline::{Generated, Passage, Prepared, Refrag, StageTimes};
@@ -135,20 +135,8 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     let load_dir = a.compress.load_dir.as_deref();
     let trained = load_dir.map(RefragConfig::read).transpose()?;
     let modes = resolve_modes(&a.modes, trained.is_some_and(|c| c.has("policy")))?;
-    let dev = device::select(a.runtime.device)?;
-    let retriever = Retriever::open(&a.retrieve.index_dir, a.embed.embed_model.as_deref(), &dev)?;
-    if a.retrieve.retrieval != RetrievalMode::Lexical {
-        retriever.embedder()?; // load before the clock starts
-    }
-    let dec = decoder_arg(a.models.dec.as_deref(), load_dir)?;
-    let refrag = Refrag::load(
-        a.models.enc.as_deref(),
-        &dec,
-        load_dir,
-        a.runtime.seed,
-        &dev,
-    )?;
-    let cache = usable_cache(&refrag, &a.retrieve.index_dir, a.compress.k)?;
+    let (dev, retriever, dec, refrag, cache) =
+        open_pipeline(&a.retrieve, &a.embed, &a.models, &a.compress, &a.runtime)?;
     let ev = Evaluator {
         args: a,
         refrag: &refrag,

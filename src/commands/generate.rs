@@ -7,12 +7,15 @@ use anyhow::{bail, Result};
 use serde_json::json;
 
 use crate::chunk_cache::ChunkCache;
-use crate::cli::{CompressArgs, GenerateArgs, RetrievalMode};
+use crate::cli::{
+    CompressArgs, EmbedModelArg, EncDecArgs, GenerateArgs, RetrievalMode, RetrieveArgs, RuntimeArgs,
+};
 use crate::hub::{self, Role};
 use crate::pipeline::{Passage, Refrag, StageTimes};
 use crate::retrieve::Retriever;
 use crate::sample::Sampler;
 use crate::{device, select};
+use candle_core::Device;
 
 /// Check the compression flags before any model loads.
 pub fn validate_compress(c: &CompressArgs) -> Result<()> {
@@ -62,6 +65,27 @@ pub fn usable_cache(
     }
 }
 
+/// What `generate` and `eval` both start from: the device, the index (its embedder loaded before
+/// any clock starts), the decoder argument, the models, and the chunk cache when it fits.
+pub fn open_pipeline(
+    r: &RetrieveArgs,
+    embed: &EmbedModelArg,
+    models: &EncDecArgs,
+    c: &CompressArgs,
+    runtime: &RuntimeArgs,
+) -> Result<(Device, Retriever, String, Refrag, Option<ChunkCache>)> {
+    let load_dir = c.load_dir.as_deref();
+    let dev = device::select(runtime.device)?;
+    let retriever = Retriever::open(&r.index_dir, embed.embed_model.as_deref(), &dev)?;
+    if r.retrieval != RetrievalMode::Lexical {
+        retriever.embedder()?; // load before the clock starts
+    }
+    let dec = decoder_arg(models.dec.as_deref(), load_dir)?;
+    let refrag = Refrag::load(models.enc.as_deref(), &dec, load_dir, runtime.seed, &dev)?;
+    let cache = usable_cache(&refrag, &r.index_dir, c.k)?;
+    Ok((dev, retriever, dec, refrag, cache))
+}
+
 pub fn run(a: &GenerateArgs) -> Result<()> {
     validate_compress(&a.compress)?;
     if a.temperature < 0.0 {
@@ -74,21 +98,8 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         bail!("--topk must be at least 1");
     }
     let c = &a.compress;
-    let load_dir = c.load_dir.as_deref();
-    let dev = device::select(a.runtime.device)?;
-    let retriever = Retriever::open(&a.retrieve.index_dir, a.embed.embed_model.as_deref(), &dev)?;
-    if a.retrieve.retrieval != RetrievalMode::Lexical {
-        retriever.embedder()?; // load before the clock starts
-    }
-    let dec = decoder_arg(a.models.dec.as_deref(), load_dir)?;
-    let refrag = Refrag::load(
-        a.models.enc.as_deref(),
-        &dec,
-        load_dir,
-        a.runtime.seed,
-        &dev,
-    )?;
-    let cache = usable_cache(&refrag, &a.retrieve.index_dir, c.k)?;
+    let (dev, retriever, dec, refrag, cache) =
+        open_pipeline(&a.retrieve, &a.embed, &a.models, c, &a.runtime)?;
     let mode = select::resolve_mode(c.select, c.heuristic, refrag.policy.is_some());
 
     let mut times = StageTimes::default();
