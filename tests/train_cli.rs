@@ -157,10 +157,18 @@ fn assert_run_files(dir: &Path, stage: &str, steps: usize) {
         assert!(dir.join(f).is_file(), "{stage}: no {f}");
     }
     for p in parts(dir) {
-        assert!(
-            dir.join(format!("{p}.safetensors")).is_file(),
-            "{stage}: no {p}.safetensors"
-        );
+        let path = dir.join(format!("{p}.safetensors"));
+        assert!(path.is_file(), "{stage}: no {p}.safetensors");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(
+                mode & 0o777,
+                0o644,
+                "{stage}: {p}.safetensors mode {mode:o}"
+            );
+        }
     }
     let c = config(dir);
     assert_eq!(c["stage"], stage);

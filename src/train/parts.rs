@@ -135,7 +135,9 @@ pub fn write_checkpoint(
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating --out_dir {}", dir.display()))?;
     for (part, vm) in &ck.vars {
-        checkpoint::save_varmap(vm, &checkpoint::part_path(dir, part))?;
+        let path = checkpoint::part_path(dir, part);
+        checkpoint::save_varmap(vm, &path)?;
+        readable(&path)?;
     }
     for (part, from) in &ck.copies {
         let src = checkpoint::part_path(from, part);
@@ -151,19 +153,42 @@ pub fn write_checkpoint(
         crate::jsonio::write_json(&dir.join(DECODER_CONFIG), c)?;
     }
     opt.save(&dir.join(OPTIMIZER_FILE))?;
+    readable(&dir.join(OPTIMIZER_FILE))?;
     crate::jsonio::write_json(&dir.join(STATE_FILE), state)?;
     crate::jsonio::write_json(&dir.join("config.json"), &ck.config)?;
     Ok(())
 }
 
+/// Put `src` at `dst` atomically: a hard link when both are on one file system (a frozen
+/// 500 MB decoder is then not duplicated; writers here always replace files by renaming, so the
+/// link keeps its content), else a copy.
 fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
     let dir = dst.parent().unwrap_or(Path::new("."));
+    let name = dst.file_name().unwrap_or_default().to_string_lossy();
+    let link = dir.join(format!(".{name}.{}.link", std::process::id()));
+    let _ = std::fs::remove_file(&link);
+    if std::fs::hard_link(src, &link).is_ok() {
+        return std::fs::rename(&link, dst).with_context(|| format!("writing {}", dst.display()));
+    }
     let tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     std::fs::copy(src, tmp.path())
         .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
     tmp.persist(dst)
         .with_context(|| format!("writing {}", dst.display()))?;
+    readable(dst)
+}
+
+/// rw-r--r--, like every other output (temporary files start as rw-------).
+fn readable(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("setting permissions of {}", path.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
     Ok(())
 }
 
