@@ -72,6 +72,10 @@ pub struct BenchRow {
     pub ttft_refrag_sec: f64,
     /// `ttft_full_sec / ttft_refrag_sec`.
     pub speedup: f64,
+    /// Prefill FLOPs of the full input / of the REFRAG input: the speed-up an implementation
+    /// equally efficient at every length would show, encoding aside.
+    #[serde(default)]
+    pub flop_speedup: f64,
     pub selection_sec: f64,
     pub encoding_sec: f64,
     pub projection_sec: f64,
@@ -104,14 +108,14 @@ impl BenchRow {
 /// prefill throughput per context length.
 pub fn markdown(rows: &[BenchRow]) -> String {
     let mut out = String::from(
-        "| k | context | p | cached | positions (REFRAG / full) | TTFT full (s) | TTFT REFRAG (s) | speed-up | encode (s) | TTIT REFRAG / full (ms) | tok/s REFRAG / full |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| k | context | p | cached | positions (REFRAG / full) | TTFT full (s) | TTFT REFRAG (s) | speed-up | FLOP ratio | encode (s) | TTIT REFRAG / full (ms) | tok/s REFRAG / full |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} / {} | {:.3} | {:.3} | {:.2}x | {:.3} | {:.1} / {:.1} | {:.1} / {:.1} |\n",
+            "| {} | {} | {} | {} | {} / {} | {:.3} | {:.3} | {:.2}x | {:.1}x | {:.3} | {:.1} / {:.1} | {:.1} / {:.1} |\n",
             r.k, r.context_tokens, r.p, if r.cached { "yes" } else { "no" },
             r.positions_refrag, r.positions_full, r.ttft_full_sec, r.ttft_refrag_sec, r.speedup,
-            r.encoding_sec, r.ttit_sec * 1e3, r.ttit_full_sec * 1e3, r.tokens_per_sec,
+            r.flop_speedup, r.encoding_sec, r.ttit_sec * 1e3, r.ttit_full_sec * 1e3, r.tokens_per_sec,
             r.tokens_per_sec_full,
         ));
     }
@@ -267,6 +271,7 @@ mod tests {
             ttft_full_sec: full,
             ttft_refrag_sec: refrag,
             speedup: full / refrag,
+            flop_speedup: 1.0,
             selection_sec: 0.0,
             encoding_sec: 0.0,
             projection_sec: 0.0,
@@ -309,6 +314,6 @@ mod tests {
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("REFRAG k=16 p=0 cached"));
         let md = markdown(&rows);
-        assert!(md.contains("| 8 | 1024 | 0 | yes | 138 / 1034 | 2.000 | 0.200 | 10.00x"));
+        assert!(md.contains("| 8 | 1024 | 0 | yes | 138 / 1034 | 2.000 | 0.200 | 10.00x | 1.0x"));
     }
 }

@@ -111,6 +111,15 @@ fn rows_plot_and_the_p_one_invariant() {
         );
         assert!(full > 0.0 && refrag > 0.0);
         assert!((r["speedup"].as_f64().unwrap() - full / refrag).abs() < 1e-9);
+        let flop = r["flop_speedup"].as_f64().unwrap();
+        assert!(
+            if r["p"] == 1.0 {
+                flop == 1.0
+            } else {
+                flop > 1.0
+            },
+            "{r}"
+        );
         let (pf, pr) = (
             r["positions_full"].as_u64().unwrap(),
             r["positions_refrag"].as_u64().unwrap(),

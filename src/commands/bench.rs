@@ -293,6 +293,8 @@ fn make_row(
         ttft_full_sec: ttft_full,
         ttft_refrag_sec: ttft_refrag,
         speedup: ttft_full / ttft_refrag,
+        flop_speedup: bench::prefill_flops(cfg, positions_full)
+            / bench::prefill_flops(cfg, s[0].positions),
         selection_sec: med(s, |x| x.selection),
         encoding_sec: med(s, |x| x.encoding),
         projection_sec: med(s, |x| x.projection),
