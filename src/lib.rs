@@ -5,6 +5,7 @@
 //! compression stages, and `commands` (one function per subcommand).
 
 pub mod bench;
+pub mod blas;
 pub mod checkpoint;
 pub mod chunk_cache;
 pub mod cli;

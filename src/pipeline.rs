@@ -313,12 +313,17 @@ impl Refrag {
         mut times: StageTimes,
     ) -> Result<Generated> {
         let t = Instant::now();
-        let x = prep.layout.assemble(
-            |ids| Ok(self.decoder.embed(ids)?),
-            embeds,
-            mask,
-            &self.device,
-        )?;
+        let x = prep
+            .layout
+            .assemble(
+                |ids| Ok(self.decoder.embed(ids)?),
+                embeds,
+                mask,
+                &self.device,
+            )?
+            // Inference: the trainable projector's output must not drag the decoder onto its
+            // differentiable (slow, graph-building) path.
+            .detach();
         let positions = x.dim(1)?;
         let mut kv = self.decoder.new_cache(positions + max_new + 1);
         let logits = self

@@ -71,7 +71,7 @@ impl Projector {
 impl Module for Projector {
     /// `(.., in) -> (.., out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.l2.forward(&self.l1.forward(x)?.gelu()?)
+        crate::blas::linear(&self.l2, &crate::blas::linear(&self.l1, x)?.gelu()?)
     }
 }
 

@@ -180,6 +180,33 @@ fn cached_decoding_equals_full_forward() {
 }
 
 #[test]
+fn blocked_long_prefill_equals_unblocked_attention() {
+    // Inference attends long inputs in blocks of queries over their causal prefix; the
+    // differentiable path (a `Var` input) attends all rows at once. Same logits, with and
+    // without a cache holding earlier positions.
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = hf_model(dir.path(), Arch::Llama);
+    let long: Vec<u32> = (0..500u32).map(|i| (i * 37 + 11) % 300 + 3).collect();
+    let e = m.embed(&ids(&long)).unwrap();
+    let want = m
+        .forward_embeds(&Var::from_tensor(&e).unwrap(), None, Logits::All)
+        .unwrap();
+    let got = m.forward_embeds(&e, None, Logits::All).unwrap();
+    let d = max_diff(&got, &want);
+    assert!(d < 1e-4, "blocked vs unblocked: {d}");
+    let mut cache = KvCache::new(m.config().num_hidden_layers, 16);
+    let head = m
+        .forward_ids(&ids(&long[..100]), Some(&mut cache), Logits::All)
+        .unwrap();
+    let tail = m
+        .forward_ids(&ids(&long[100..]), Some(&mut cache), Logits::All)
+        .unwrap();
+    let got = Tensor::cat(&[head, tail], 1).unwrap();
+    let d = max_diff(&got, &want);
+    assert!(d < 1e-4, "cached blocked vs unblocked: {d}");
+}
+
+#[test]
 fn embedding_input_equals_token_input() {
     let dir = tempfile::tempdir().unwrap();
     let (m, _) = hf_model(dir.path(), Arch::Llama);

@@ -388,7 +388,8 @@ fn prefill_decode(
     let t = Instant::now();
     let x = prep
         .layout
-        .assemble(|ids| Ok(dec.embed(ids)?), embeds, mask, &refrag.device)?;
+        .assemble(|ids| Ok(dec.embed(ids)?), embeds, mask, &refrag.device)?
+        .detach(); // no gradient graph through the projector's variables
     let positions = x.dim(1)?;
     let mut kv = dec.new_cache(positions + max_new + 1);
     let logits = dec.forward_embeds(&x, Some(&mut kv), Logits::Last)?;

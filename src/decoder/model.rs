@@ -119,6 +119,15 @@ impl Attention {
             Some((c, layer)) => c.append(layer, &k, &v)?, // (b, kv, L, hd)
             None => (k, v),
         };
+        if !s.grad && k.device().is_cpu() && k.dtype() == DType::F32 {
+            // Fused blocked attention through the system BLAS, reading the cache in place.
+            let scale = 1.0 / (self.head_dim as f32).sqrt();
+            let y = crate::blas::causal_attention(&q, &k, &v, scale)?; // (b, t, h, hd)
+            return linear(
+                &self.o_proj,
+                &y.reshape((b, t, self.n_head * self.head_dim))?,
+            );
+        }
         // The CPU matmul reads the cache's strided views in place; other backends (not tested
         // here) get contiguous copies, cheap next to their memory bandwidth.
         let (k, v) = if k.device().is_cpu() {
@@ -135,7 +144,45 @@ impl Attention {
 
     /// Scaled dot-product attention of `q` (b, h, t, hd) over `k`, `v` (b, kv, L, hd), with the
     /// step's causal mask; returns (b, h, t, hd).
+    ///
+    /// Without gradients, long inputs are attended in blocks of `ATTN_BLOCK` queries, each over
+    /// only the keys it may see (the causal prefix): the score matrix never exceeds
+    /// `ATTN_BLOCK x L` per head, and the masked upper triangle is never computed, which halves
+    /// the attention FLOPs of a long prefill and keeps its working set in cache. Every row is
+    /// the same sum over the same keys, so the result equals the unblocked one.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, s: &Step) -> Result<Tensor> {
+        let t = q.dim(2)?;
+        let past = k.dim(2)? - t;
+        if s.grad || t <= ATTN_BLOCK {
+            return self.attend_rows(q, k, v, s.mask, s.grad);
+        }
+        let mut out = Vec::with_capacity(t.div_ceil(ATTN_BLOCK));
+        for i0 in (0..t).step_by(ATTN_BLOCK) {
+            let n = ATTN_BLOCK.min(t - i0);
+            let keys = past + i0 + n;
+            let mask = s.mask.map(|m| m.narrow(0, i0, n)?.narrow(1, 0, keys));
+            let mask = mask.transpose()?;
+            out.push(self.attend_rows(
+                &q.narrow(2, i0, n)?,
+                &k.narrow(2, 0, keys)?,
+                &v.narrow(2, 0, keys)?,
+                mask.as_ref(),
+                false,
+            )?);
+        }
+        Tensor::cat(&out, 2)
+    }
+
+    /// Attention of the query rows `q` (b, h, n, hd) over keys/values (b, kv, L, hd) with an
+    /// additive mask `(n, L)`.
+    fn attend_rows(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        grad: bool,
+    ) -> Result<Tensor> {
         let (b, _, t, _) = q.dims4()?;
         let kv_len = k.dim(2)?;
         // Grouped-query attention without copying K/V: the `rep` query heads that share one KV
@@ -143,17 +190,20 @@ impl Attention {
         let rep = self.n_head / self.n_kv;
         // The 1/sqrt(hd) scale goes on q, the smaller tensor (t rows, not t x L scores).
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = (q.reshape((b, self.n_kv, rep * t, self.head_dim))? * scale)?;
+        let q = (q
+            .contiguous()?
+            .reshape((b, self.n_kv, rep * t, self.head_dim))?
+            * scale)?;
         let att = q.matmul(&k.t()?)?; // (b, kv, rep * t, L)
         let in_dtype = att.dtype();
         let mut att = att.to_dtype(softmax_dtype(in_dtype))?;
-        if let Some(mask) = s.mask {
+        if let Some(mask) = mask {
             att = att
                 .reshape((b, self.n_kv, rep, t, kv_len))?
                 .broadcast_add(mask)?
                 .reshape((b, self.n_kv, rep * t, kv_len))?;
         }
-        let att = if s.grad {
+        let att = if grad {
             candle_nn::ops::softmax(&att, D::Minus1)?
         } else {
             candle_nn::ops::softmax_last_dim(&att)?
@@ -163,6 +213,9 @@ impl Attention {
             .reshape((b, self.n_head, t, self.head_dim))
     }
 }
+
+/// Query rows attended at once in a long prefill (see `Attention::attend`).
+const ATTN_BLOCK: usize = 256;
 
 #[derive(Debug, Clone)]
 struct Mlp {
@@ -330,7 +383,10 @@ impl Decoder {
         }
         let past = cache.as_deref().map_or(0, KvCache::len);
         let (cos, sin) = self.rotary(past, t)?;
-        let mask = if t > 1 {
+        let grad = self.trainable || x.track_op() || self.dtype == DType::F64;
+        // The fused CPU attention (f32, no gradients) applies the causal mask itself.
+        let fused = !grad && self.device.is_cpu() && self.dtype == DType::F32;
+        let mask = if t > 1 && !fused {
             Some(causal_mask(past, t, &self.device)?.to_dtype(softmax_dtype(self.dtype))?)
         } else {
             None
@@ -340,7 +396,7 @@ impl Decoder {
             sin: &sin,
             mask: mask.as_ref(),
             // The fused kernels neither back-propagate nor take f64.
-            grad: self.trainable || x.track_op() || self.dtype == DType::F64,
+            grad,
         };
         let mut h = x.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -386,6 +442,10 @@ impl Decoder {
 /// backward always computes both operands' gradients, and for a frozen decoder the weights' are
 /// thrown away (in training the encoder through a frozen decoder, they were most of the work).
 fn linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        // The system BLAS: faster, and it skips a frozen weight's gradient by itself.
+        return crate::blas::linear(l, x);
+    }
     if !x.track_op() || l.weight().is_variable() {
         return l.forward(x);
     }

@@ -4,6 +4,7 @@
 //! tensor ops. Inference keeps using `BertModel`: a saved variable map loads there unchanged.
 
 use candle_core::{DType, Module, Result, Tensor, D};
+use crate::blas;
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
@@ -76,23 +77,23 @@ impl Layer {
     /// `x` `(b, s, h)`, `mask` additive `(b, 1, 1, s)`.
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
-        let q = self.split(self.query.forward(x)?)?;
-        let k = self.split(self.key.forward(x)?)?;
-        let v = self.split(self.value.forward(x)?)?;
+        let q = self.split(blas::linear(&self.query, x)?)?;
+        let k = self.split(blas::linear(&self.key, x)?)?;
+        let v = self.split(blas::linear(&self.value, x)?)?;
         let scale = 1.0 / ((h / self.heads) as f64).sqrt();
         let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (b, heads, s, s)
         let att = candle_nn::ops::softmax(&att, D::Minus1)?;
         let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
         let x = self
             .attn_norm
-            .forward(&(self.attn_out.forward(&ctx)? + x)?)?;
-        let f = self.inter.forward(&x)?;
+            .forward(&(blas::linear(&self.attn_out, &ctx)? + x)?)?;
+        let f = blas::linear(&self.inter, &x)?;
         let f = match self.act {
             HiddenAct::Gelu => f.gelu_erf()?,
             HiddenAct::GeluApproximate => f.gelu()?,
             HiddenAct::Relu => f.relu()?,
         };
-        self.out_norm.forward(&(self.out.forward(&f)? + x)?)
+        self.out_norm.forward(&(blas::linear(&self.out, &f)? + x)?)
     }
 }
 
