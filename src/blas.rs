@@ -178,6 +178,28 @@ impl CustomOp2 for Gemm {
     }
 }
 
+/// This machine's practical f32 peak in GFLOP/s: the best of five `1536^3` products through
+/// [`gemm`] after a warm-up (the BLAS on the CPU), the yardstick for `bench`'s
+/// fraction-of-peak column.
+pub fn sgemm_peak_gflops() -> f64 {
+    let n = 1536;
+    let dev = candle_core::Device::Cpu;
+    let (Ok(a), Ok(b)) = (
+        Tensor::ones((n, n), DType::F32, &dev),
+        Tensor::ones((n, n), DType::F32, &dev),
+    ) else {
+        return f64::NAN;
+    };
+    let _ = gemm(&a, &b, false, true);
+    (0..5)
+        .filter_map(|_| {
+            let t = std::time::Instant::now();
+            gemm(&a, &b, false, true).ok()?;
+            Some(2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64() / 1e9)
+        })
+        .fold(f64::NAN, f64::max)
+}
+
 /// Causal attention on the CPU in f32, without gradients: `q` `(b, h, t, hd)`, `k` and `v`
 /// `(b, kv, L, hd)` (strided views of a KV cache are read in place; the last axis must be
 /// contiguous), `L = past + t`, query `i` sees keys `0 ..= past + i`; grouped-query heads share

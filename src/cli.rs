@@ -128,6 +128,15 @@ pub struct RetrieveArgs {
     pub retrieval: RetrievalMode,
 }
 
+/// Which question/answer pairs a QA training run uses.
+#[derive(Debug, Clone, Args)]
+pub struct AnswerableArg {
+    /// Also train on pairs whose retrieved passages contain no gold answer (by default they are
+    /// skipped: the model could only learn to guess on them).
+    #[arg(long = "keep_unanswerable", alias = "keep-unanswerable")]
+    pub keep_unanswerable: bool,
+}
+
 /// Compression and selection flags.
 #[derive(Debug, Clone, Args)]
 pub struct CompressArgs {
@@ -325,6 +334,8 @@ pub struct TrainPolicyArgs {
     #[command(flatten)]
     pub retrieve: RetrieveArgs,
     #[command(flatten)]
+    pub answerable: AnswerableArg,
+    #[command(flatten)]
     pub embed: EmbedModelArg,
     #[command(flatten)]
     pub models: EncDecArgs,
@@ -349,6 +360,8 @@ pub struct SftArgs {
     pub rag_json: PathBuf,
     #[command(flatten)]
     pub retrieve: RetrieveArgs,
+    #[command(flatten)]
+    pub answerable: AnswerableArg,
     #[command(flatten)]
     pub embed: EmbedModelArg,
     #[command(flatten)]
@@ -481,10 +494,10 @@ pub struct BenchArgs {
     /// The question placed after the passages.
     #[arg(long, default_value = "Which river flows through City_10000?")]
     pub question: String,
-    /// Peak f32 GFLOP/s of this machine, for the fraction-of-peak column [default: 2 cores of
-    /// AVX2 with two FMA units at ~2.45 GHz].
-    #[arg(long = "peak_gflops", alias = "peak-gflops", default_value_t = 157.0)]
-    pub peak_gflops: f64,
+    /// Peak f32 GFLOP/s of this machine, for the fraction-of-peak column [default: measured,
+    /// the best of a few large square matrix products through the same BLAS the decoder uses].
+    #[arg(long = "peak_gflops", alias = "peak-gflops")]
+    pub peak_gflops: Option<f64>,
     /// Output directory: bench.json, meta.json and ttft.svg.
     #[arg(long = "out_dir", alias = "out-dir", default_value = "runs/bench")]
     pub out_dir: PathBuf,

@@ -235,7 +235,13 @@ fn sft_then_train_policy_then_generate_selects_with_the_policy() {
     ok_json(&f.cpt("cpt_recon", "recon", &["--steps", "1"]));
     f.index();
     let recon = f.s("recon");
-    let out = ok_json(&f.qa("sft", "sft", &["--load_dir", &recon]));
+    let o = f.qa("sft", "sft", &["--load_dir", &recon, "--eval_items", "1"]);
+    assert!(
+        stderr(&o).contains("pairs whose retrieved passages hold a gold answer"),
+        "{}",
+        stderr(&o)
+    );
+    let out = ok_json(&o);
     assert!(
         out["eval"]["end"]["answer_p0"]["answer_loglik"].is_number(),
         "{out}"
@@ -313,4 +319,30 @@ fn misuse_fails_in_one_line_naming_the_flag() {
     );
     let line = error_line(&f.cpt("cpt_recon", "y", &["--eval_items", "8"]));
     assert!(line.contains("--eval_items 8"), "{line}");
+    // QA pairs whose answers the index cannot retrieve: nothing to learn from.
+    f.index();
+    let bad = f.path("bad_qa.jsonl");
+    let lines: Vec<String> = (0..4)
+        .map(|i| format!(r#"{{"id":"b{i}","question":"Which river flows through City_{i}?","answers":["Zzyzx"]}}"#))
+        .collect();
+    std::fs::write(&bad, lines.join("\n")).unwrap();
+    let bad = f.s("bad_qa.jsonl");
+    let line = error_line(&f.qa("sft", "bad", &["--rag_json", &bad, "--load_dir", &recon]));
+    assert!(
+        line.contains("--rag_json") && line.contains("none of the 2 training pairs"),
+        "{line}"
+    );
+    ok_json(&f.qa(
+        "sft",
+        "bad",
+        &[
+            "--rag_json",
+            &bad,
+            "--load_dir",
+            &recon,
+            "--keep_unanswerable",
+            "--steps",
+            "1",
+        ],
+    ));
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use candle_nn::VarMap;
 use serde_json::json;
@@ -371,23 +371,48 @@ pub fn run_sft(a: &SftArgs) -> Result<()> {
     let retriever = Retriever::open(&a.retrieve.index_dir, a.embed.embed_model.as_deref(), &dev)?;
     let (dec, enc) = src.load_models(!a.freeze_dec, a.runtime.seed, &dev)?;
     let lr = a.train.lr.unwrap_or(2e-5);
+    let layout = QaLayoutArgs {
+        topk: a.retrieve.topk,
+        mode: a.retrieve.retrieval,
+        k: a.k,
+        ctx_max: a.ctx_max,
+    };
+    let data = answerable(data, &retriever, &layout, &a.answerable, &a.rag_json, "sft")?;
     let mut task = SftTask {
         enc,
         dec,
         data,
         retriever: Box::new(retriever),
-        layout: QaLayoutArgs {
-            topk: a.retrieve.topk,
-            mode: a.retrieve.retrieval,
-            k: a.k,
-            ctx_max: a.ctx_max,
-        },
+        layout,
         dec_name: src.dec.clone(),
         dec_lr_scale: a.dec_lr.map_or(1.0, |d| d / lr),
         eval_batch: a.train.micro_batch,
     };
     let cfg = loop_config(&a.train, &a.runtime, lr, out_dir, resume);
     finish(&mut task, &cfg)
+}
+
+/// `data` with only the pairs whose passages hold an answer, unless `--keep_unanswerable`; says
+/// on stderr how many were kept.
+fn answerable(
+    mut data: QaData,
+    retriever: &Retriever,
+    layout: &QaLayoutArgs,
+    a: &crate::cli::AnswerableArg,
+    rag_json: &Path,
+    stage: &str,
+) -> Result<QaData> {
+    if a.keep_unanswerable {
+        return Ok(data);
+    }
+    let (kept, of) = data
+        .keep_answerable(retriever, layout)
+        .with_context(|| format!("--rag_json {}", rag_json.display()))?;
+    eprintln!(
+        "refrag: {stage}: training on the {kept} of {of} pairs whose retrieved passages hold a \
+         gold answer (--keep_unanswerable keeps all)"
+    );
+    Ok(data)
 }
 
 /// The policy's variables: from the starting weights when they hold a policy of this width
@@ -460,6 +485,20 @@ pub fn run_policy(a: &TrainPolicyArgs) -> Result<()> {
     };
     let vars = policy_vars(&src, &pc, resume.is_some(), a.runtime.seed, &dev)?;
     let policy = policy_over(&vars, &pc, &dev)?;
+    let layout = QaLayoutArgs {
+        topk: a.retrieve.topk,
+        mode: a.retrieve.retrieval,
+        k: c.k,
+        ctx_max: c.ctx_max,
+    };
+    let data = answerable(
+        data,
+        &retriever,
+        &layout,
+        &a.answerable,
+        &a.rag_json,
+        "train_policy",
+    )?;
     let mut task = PolicyTask {
         refrag,
         policy,
@@ -467,12 +506,7 @@ pub fn run_policy(a: &TrainPolicyArgs) -> Result<()> {
         hidden: a.policy_hidden,
         data,
         retriever: Box::new(retriever),
-        layout: QaLayoutArgs {
-            topk: a.retrieve.topk,
-            mode: a.retrieve.retrieval,
-            k: c.k,
-            ctx_max: c.ctx_max,
-        },
+        layout,
         p: c.p,
         group: a.group,
         load_dir: start,

@@ -3,8 +3,8 @@
 //! this is the same network (same parameter names, same maths, HF `modeling_bert.py`) in plain
 //! tensor ops. Inference keeps using `BertModel`: a saved variable map loads there unchanged.
 
-use candle_core::{DType, Module, Result, Tensor, D};
 use crate::blas;
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 

@@ -77,6 +77,46 @@ impl QaData {
     }
 }
 
+impl QaData {
+    /// Drop the pairs (training and held-out) whose retrieved passages contain none of their
+    /// gold answers (case-insensitive): on such a pair the model can only learn to guess.
+    /// Returns how many training pairs were kept and how many there were.
+    pub fn keep_answerable(
+        &mut self,
+        retriever: &dyn Retrieve,
+        a: &QaLayoutArgs,
+    ) -> Result<(usize, usize)> {
+        let before = self.train.len();
+        let (train_ids, eval_ids) = (self.train.clone(), self.eval.clone());
+        let mut keep = |ids: &[usize]| -> Result<Vec<usize>> {
+            let mut kept = Vec::with_capacity(ids.len());
+            for &i in ids {
+                let text = self.passages(i, retriever, a)?.join("\n").to_lowercase();
+                if self.pairs[i]
+                    .answers
+                    .iter()
+                    .any(|ans| text.contains(&ans.to_lowercase()))
+                {
+                    kept.push(i);
+                }
+            }
+            Ok(kept)
+        };
+        let train = keep(&train_ids)?;
+        let eval = keep(&eval_ids)?;
+        if train.is_empty() {
+            bail!(
+                "none of the {before} training pairs has a gold answer in its {} retrieved passages \
+                 (is the index built from the corpus these questions are about?)",
+                a.topk
+            );
+        }
+        self.train = train;
+        self.eval = eval;
+        Ok((self.train.len(), before))
+    }
+}
+
 /// The layout `generate` builds for `question` over `passages` (no chunk cache).
 pub fn qa_layout(
     dtok: &DecoderTokenizer,
