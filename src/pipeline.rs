@@ -225,7 +225,11 @@ impl Refrag {
                 let e = self.timed_embed(prep, &all, cache, times)?;
                 let t = Instant::now();
                 let q = self.question_vector(&prep.question)?;
-                let s: Vec<f32> = policy.scores(&e, &q)?.to_dtype(DType::F32)?.to_vec1()?;
+                let pos = crate::policy::position_features(&prep.layout, &self.device)?;
+                let s: Vec<f32> = policy
+                    .scores(&e, &q, &pos)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1()?;
                 embeds = Some(e);
                 times.selection += t.elapsed().as_secs_f64();
                 Some(s)
@@ -272,7 +276,7 @@ impl Refrag {
     }
 
     /// Heuristic scores of every chunk of a layout, computed with the decoder passage by passage.
-    fn layout_scores(&self, layout: &PromptLayout) -> Result<Vec<f32>> {
+    pub fn layout_scores(&self, layout: &PromptLayout) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(layout.chunks.len());
         let mut start = 0;
         while start < layout.chunks.len() {

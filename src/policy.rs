@@ -1,5 +1,7 @@
-//! The selective-expansion policy: a small MLP that scores each chunk from its projected embedding
-//! and the question (the seed's policy never saw the question). At inference the highest-scoring
+//! The selective-expansion policy: a small MLP that scores each chunk from its projected embedding,
+//! the question (the seed's policy never saw the question) and where the chunk sits (its
+//! passage's retrieval rank and its place in the passage; the paper's policy is a transformer
+//! over the chunk sequence, which sees the same order). At inference the highest-scoring
 //! chunks are expanded; in training, expansion sets are sampled without replacement
 //! (Plackett-Luce) and [`Policy::log_prob`] gives the log-probability of exactly that sequence.
 
@@ -13,7 +15,32 @@ pub struct PolicyConfig {
     pub hidden: usize,
 }
 
-/// Scores chunks from `[e_i, q, e_i * q]`.
+/// Per-chunk position features the policy sees besides the embeddings.
+pub const POSITION_FEATURES: usize = 2;
+
+/// `(L, POSITION_FEATURES)`: for each chunk of `layout`, its passage's retrieval rank and its
+/// index inside the passage, each divided by the number of passages / that passage's chunks.
+pub fn position_features(
+    layout: &crate::prompt::PromptLayout,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let chunks = &layout.chunks;
+    let passages = chunks.iter().map(|c| c.passage + 1).max().unwrap_or(1);
+    let mut per_passage = vec![0usize; passages];
+    for c in chunks {
+        per_passage[c.passage] += 1;
+    }
+    let mut seen = vec![0usize; passages];
+    let mut v = Vec::with_capacity(chunks.len() * POSITION_FEATURES);
+    for c in chunks {
+        v.push(c.passage as f32 / passages as f32);
+        v.push(seen[c.passage] as f32 / per_passage[c.passage] as f32);
+        seen[c.passage] += 1;
+    }
+    Tensor::from_vec(v, (chunks.len(), POSITION_FEATURES), device)
+}
+
+/// Scores chunks from `[e_i, q, e_i * q, position_i]`.
 #[derive(Debug, Clone)]
 pub struct Policy {
     l1: Linear,
@@ -24,17 +51,19 @@ impl Policy {
     /// Variables `fc1.*`, `fc2.*`.
     pub fn new(cfg: &PolicyConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            l1: candle_nn::linear(3 * cfg.d, cfg.hidden, vb.pp("fc1"))?,
+            l1: candle_nn::linear(3 * cfg.d + POSITION_FEATURES, cfg.hidden, vb.pp("fc1"))?,
             l2: candle_nn::linear(cfg.hidden, 1, vb.pp("fc2"))?,
         })
     }
 
-    /// Scores `(L,)` for chunk embeddings `(L, d)` and a question vector `(d,)`.
-    pub fn scores(&self, chunks: &Tensor, question: &Tensor) -> Result<Tensor> {
+    /// Scores `(L,)` for chunk embeddings `(L, d)`, a question vector `(d,)` and the chunks'
+    /// [`position_features`] `(L, POSITION_FEATURES)`.
+    pub fn scores(&self, chunks: &Tensor, question: &Tensor, positions: &Tensor) -> Result<Tensor> {
         let l = chunks.dim(0)?;
         let chunks = normalize(chunks)?;
         let q = normalize(&question.unsqueeze(0)?)?.broadcast_as(chunks.shape())?;
-        let x = Tensor::cat(&[&chunks, &q, &(&chunks * &q)?], 1)?; // (L, 3d)
+        let positions = positions.to_dtype(chunks.dtype())?;
+        let x = Tensor::cat(&[&chunks, &q, &(&chunks * &q)?, &positions], 1)?; // (L, 3d + 2)
         self.l2.forward(&self.l1.forward(&x)?.gelu()?)?.reshape(l)
     }
 
@@ -75,6 +104,40 @@ fn log_sum_exp(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn position_features_give_passage_rank_and_place_in_passage() {
+        use crate::prompt::{ChunkRef, PromptLayout, Template};
+        let t = Template {
+            before: vec![1],
+            between: vec![2],
+            after: vec![3],
+        };
+        // Passage 0 has two chunks, passage 1 one.
+        let layout = PromptLayout::new(&t, &[vec![vec![5, 6], vec![7]], vec![vec![8]]]);
+        assert_eq!(
+            layout.chunks,
+            vec![
+                ChunkRef {
+                    passage: 0,
+                    tokens: vec![5, 6]
+                },
+                ChunkRef {
+                    passage: 0,
+                    tokens: vec![7]
+                },
+                ChunkRef {
+                    passage: 1,
+                    tokens: vec![8]
+                },
+            ]
+        );
+        let f: Vec<Vec<f32>> = position_features(&layout, &Device::Cpu)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(f, vec![vec![0.0, 0.0], vec![0.0, 0.5], vec![0.5, 0.0]]);
+    }
 
     #[test]
     fn plackett_luce_log_prob_matches_hand_computation() {

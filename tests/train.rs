@@ -152,11 +152,13 @@ fn one_step_lowers_the_policy_surrogate_on_fixed_samples() {
     let policy = policy_over(&vars, &cfg, &d).unwrap();
     let chunks = Tensor::randn(0f32, 1.0, (6, 16), &d).unwrap();
     let q = Tensor::randn(0f32, 1.0, 16, &d).unwrap();
-    let s: Vec<f32> = policy.scores(&chunks, &q).unwrap().to_vec1().unwrap();
+    let pos = Tensor::randn(0f32, 1.0, (6, refrag::policy::POSITION_FEATURES), &d).unwrap();
+    let s: Vec<f32> = policy.scores(&chunks, &q, &pos).unwrap().to_vec1().unwrap();
     let mut rng = step_rng(0, 0);
     let orders: Vec<Vec<usize>> = (0..4).map(|_| sample_order(&s, 2, &mut rng)).collect();
     let adv = [1.0, -1.0, 0.5, -0.5];
-    let loss = |p: &Policy| reinforce_loss(&p.scores(&chunks, &q).unwrap(), &orders, &adv).unwrap();
+    let loss =
+        |p: &Policy| reinforce_loss(&p.scores(&chunks, &q, &pos).unwrap(), &orders, &adv).unwrap();
     let before = loss(&policy);
     let group = refrag::train::optim::Group {
         name: "policy".into(),

@@ -39,12 +39,13 @@ pub fn init_policy_vars(
 ) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut data = varmap.data().lock().unwrap();
-    let b1 = (3.0 / (3 * cfg.d) as f64).sqrt();
+    let inputs = 3 * cfg.d + crate::policy::POSITION_FEATURES;
+    let b1 = (3.0 / inputs as f64).sqrt();
     let b2 = 0.1 * (3.0 / cfg.hidden as f64).sqrt();
     let tensors = [
         (
             "fc1.weight",
-            uniform(&mut rng, (cfg.hidden, 3 * cfg.d), b1, device)?,
+            uniform(&mut rng, (cfg.hidden, inputs), b1, device)?,
         ),
         ("fc1.bias", Tensor::zeros(cfg.hidden, DType::F32, device)?),
         (
@@ -125,6 +126,8 @@ struct Question {
     layout: PromptLayout,
     embeds: Tensor,
     question: Tensor,
+    /// [`crate::policy::position_features`] of the layout.
+    positions: Tensor,
 }
 
 impl PolicyTask {
@@ -158,10 +161,12 @@ impl PolicyTask {
             self.refrag.encoder.project(&v)?.detach()
         };
         let question = self.refrag.question_vector(q)?;
+        let positions = crate::policy::position_features(&prep.layout, &self.refrag.device)?;
         Ok(Question {
             layout: prep.layout,
             embeds,
             question,
+            positions,
         })
     }
 
@@ -190,7 +195,9 @@ impl PolicyTask {
         if n == 0 || n == l {
             return Ok(None);
         }
-        let scores = self.policy.scores(&qn.embeds, &qn.question)?;
+        let scores = self
+            .policy
+            .scores(&qn.embeds, &qn.question, &qn.positions)?;
         let s: Vec<f32> = scores.to_vec1()?;
         let orders: Vec<Vec<usize>> = (0..self.group).map(|_| sample_order(&s, n, rng)).collect();
         let masks = orders.iter().map(|o| order_mask(o, l)).collect();
@@ -241,8 +248,8 @@ impl Task for PolicyTask {
     }
 
     fn evaluate(&mut self) -> Result<Value> {
-        let names = ["policy", "random", "none_p0", "all_p1"];
-        let mut sums = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        let names = ["policy", "heuristic", "random", "none_p0", "all_p1"];
+        let mut sums = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         let mut counts = Vec::new();
         for i in self.data.eval.clone() {
             let qn = self.question(i)?;
@@ -251,10 +258,14 @@ impl Task for PolicyTask {
             let s: Vec<f32> = if l == 0 {
                 Vec::new()
             } else {
-                self.policy.scores(&qn.embeds, &qn.question)?.to_vec1()?
+                self.policy
+                    .scores(&qn.embeds, &qn.question, &qn.positions)?
+                    .to_vec1()?
             };
+            let heuristic = self.refrag.layout_scores(&qn.layout)?;
             let masks = vec![
                 top_n(&s, n),
+                top_n(&heuristic, n),
                 random_n(l, n, i as u64),
                 vec![false; l],
                 vec![true; l],
