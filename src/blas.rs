@@ -392,10 +392,63 @@ unsafe fn softmax_avx2(x: &mut [f32]) {
     softmax_generic(x)
 }
 
-const LANES: usize = 16;
+/// `log(sum(exp(row)))` of each `cols`-long row of `x` (e.g. logits over a vocabulary), with the
+/// same vectorised exponential as [`softmax_in_place`].
+pub fn log_sum_exp_rows(x: &[f32], cols: usize) -> Vec<f32> {
+    x.chunks(cols.max(1)).map(log_sum_exp).collect()
+}
+
+fn log_sum_exp(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { lse_avx512(x) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { lse_avx2(x) };
+        }
+    }
+    lse_generic(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn lse_avx512(x: &[f32]) -> f32 {
+    lse_generic(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lse_avx2(x: &[f32]) -> f32 {
+    lse_generic(x)
+}
 
 #[inline(always)]
-fn softmax_generic(x: &mut [f32]) {
+fn lse_generic(x: &[f32]) -> f32 {
+    let max = max_of(x);
+    if !max.is_finite() {
+        return max;
+    }
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, b) in acc.iter_mut().zip(c) {
+            *a += exp_poly(*b - max);
+        }
+    }
+    let sum: f32 = acc.iter().sum::<f32>()
+        + chunks
+            .remainder()
+            .iter()
+            .map(|v| exp_poly(*v - max))
+            .sum::<f32>();
+    max + sum.ln()
+}
+
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
@@ -403,12 +456,19 @@ fn softmax_generic(x: &mut [f32]) {
             *a = a.max(*b);
         }
     }
-    let max = chunks
+    chunks
         .remainder()
         .iter()
         .chain(m.iter())
         .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+const LANES: usize = 16;
+
+#[inline(always)]
+fn softmax_generic(x: &mut [f32]) {
+    let max = max_of(x);
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
@@ -486,6 +546,11 @@ mod tests {
         for (g, w) in got.iter().zip(&e) {
             let w = w / sum;
             assert!((*g as f64 - w).abs() <= 1e-6 * w + 1e-12, "{g} vs {w}");
+        }
+        let lse = log_sum_exp_rows(&xs, 250);
+        for (row, got) in xs.chunks(250).zip(lse) {
+            let want = row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+            assert!((got as f64 - want).abs() < 1e-5, "{got} vs {want}");
         }
         for x in [0.0f32, -0.5, -1.0, -10.0, -50.0, -86.0] {
             let rel = (exp_poly(x) as f64 / (x as f64).exp() - 1.0).abs();

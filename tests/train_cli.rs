@@ -237,7 +237,7 @@ fn sft_then_train_policy_then_generate_selects_with_the_policy() {
     let recon = f.s("recon");
     let o = f.qa("sft", "sft", &["--load_dir", &recon, "--eval_items", "1"]);
     assert!(
-        stderr(&o).contains("pairs whose retrieved passages hold a gold answer"),
+        stderr(&o).contains("are held out; the rest have no gold answer"),
         "{}",
         stderr(&o)
     );
@@ -329,7 +329,7 @@ fn misuse_fails_in_one_line_naming_the_flag() {
     let bad = f.s("bad_qa.jsonl");
     let line = error_line(&f.qa("sft", "bad", &["--rag_json", &bad, "--load_dir", &recon]));
     assert!(
-        line.contains("--rag_json") && line.contains("none of the 2 training pairs"),
+        line.contains("--rag_json") && line.contains("only 0 of the 4 pairs"),
         "{line}"
     );
     ok_json(&f.qa(

@@ -409,8 +409,9 @@ fn answerable(
         .keep_answerable(retriever, layout)
         .with_context(|| format!("--rag_json {}", rag_json.display()))?;
     eprintln!(
-        "refrag: {stage}: training on the {kept} of {of} pairs whose retrieved passages hold a \
-         gold answer (--keep_unanswerable keeps all)"
+        "refrag: {stage}: {kept} of the {of} pairs train and {} are held out; the rest have no \
+         gold answer in their retrieved passages (--keep_unanswerable keeps them)",
+        data.eval.len()
     );
     Ok(data)
 }

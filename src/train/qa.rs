@@ -78,42 +78,41 @@ impl QaData {
 }
 
 impl QaData {
-    /// Drop the pairs (training and held-out) whose retrieved passages contain none of their
-    /// gold answers (case-insensitive): on such a pair the model can only learn to guess.
-    /// Returns how many training pairs were kept and how many there were.
+    /// Drop the pairs whose retrieved passages contain none of their gold answers
+    /// (case-insensitive): on such a pair the model can only learn to guess. The held-out split
+    /// is then re-drawn as the last of the answerable pairs, as many as before, so that the
+    /// evaluation measures answers that can be read off the passages. Returns how many training
+    /// pairs were kept and how many pairs there were.
     pub fn keep_answerable(
         &mut self,
         retriever: &dyn Retrieve,
         a: &QaLayoutArgs,
     ) -> Result<(usize, usize)> {
-        let before = self.train.len();
-        let (train_ids, eval_ids) = (self.train.clone(), self.eval.clone());
-        let mut keep = |ids: &[usize]| -> Result<Vec<usize>> {
-            let mut kept = Vec::with_capacity(ids.len());
-            for &i in ids {
-                let text = self.passages(i, retriever, a)?.join("\n").to_lowercase();
-                if self.pairs[i]
-                    .answers
-                    .iter()
-                    .any(|ans| text.contains(&ans.to_lowercase()))
-                {
-                    kept.push(i);
-                }
+        let held_out = self.eval.len();
+        let mut kept = Vec::new();
+        for i in 0..self.pairs.len() {
+            let text = self.passages(i, retriever, a)?.join("\n").to_lowercase();
+            if self.pairs[i]
+                .answers
+                .iter()
+                .any(|ans| text.contains(&ans.to_lowercase()))
+            {
+                kept.push(i);
             }
-            Ok(kept)
-        };
-        let train = keep(&train_ids)?;
-        let eval = keep(&eval_ids)?;
-        if train.is_empty() {
+        }
+        if kept.len() <= held_out {
             bail!(
-                "none of the {before} training pairs has a gold answer in its {} retrieved passages \
-                 (is the index built from the corpus these questions are about?)",
+                "only {} of the {} pairs have a gold answer in their {} retrieved passages, not \
+                 enough for --eval_items {held_out} plus training (is the index built from the \
+                 corpus these questions are about?)",
+                kept.len(),
+                self.pairs.len(),
                 a.topk
             );
         }
-        self.train = train;
-        self.eval = eval;
-        Ok((self.train.len(), before))
+        self.eval = kept.split_off(kept.len() - held_out);
+        self.train = kept;
+        Ok((self.train.len(), self.pairs.len()))
     }
 }
 
