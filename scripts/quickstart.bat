@@ -15,7 +15,7 @@ if not defined P set P=0.25
 if not defined CTX_MAX set CTX_MAX=2048
 if not defined MAX_NEW set MAX_NEW=32
 if not defined RUNS set RUNS=runs\quickstart
-if not defined STEPS set STEPS=200
+if not defined STEPS set STEPS=60
 if not defined STEPS_RECON set STEPS_RECON=%STEPS%
 if not defined STEPS_NEXT set /a STEPS_NEXT=(STEPS + 3) / 4
 if not defined STEPS_SFT set /a STEPS_SFT=(STEPS + 1) / 2
@@ -25,7 +25,7 @@ if not defined LR_NEXT set LR_NEXT=5e-5
 if not defined LR_SFT set LR_SFT=5e-5
 if not defined LR_POLICY set LR_POLICY=1e-3
 if not defined TOPK_TRAIN set TOPK_TRAIN=4
-if not defined EVAL_N set EVAL_N=20
+if not defined EVAL_N set EVAL_N=10
 if not defined PROFILE set PROFILE=release
 
 rem 1. Accelerator: CUDA, else CPU.

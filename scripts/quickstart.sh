@@ -15,7 +15,7 @@ say() { printf '\n== %s\n' "$*" >&2; }
 TOPK="${TOPK:-8}"; K="${K:-16}"; P="${P:-0.25}"; CTX_MAX="${CTX_MAX:-2048}"; MAX_NEW="${MAX_NEW:-32}"
 RUNS="${RUNS:-runs/quickstart}"
 # Training length: STEPS is cpt_recon's steps; the other stages scale from it unless set.
-STEPS="${STEPS:-200}"
+STEPS="${STEPS:-60}"
 STEPS_RECON="${STEPS_RECON:-$STEPS}"
 STEPS_NEXT="${STEPS_NEXT:-$(( (STEPS + 3) / 4 ))}"
 STEPS_SFT="${STEPS_SFT:-$(( (STEPS + 1) / 2 ))}"
@@ -23,7 +23,7 @@ STEPS_POLICY="${STEPS_POLICY:-$(( (STEPS + 7) / 8 ))}"
 LR_RECON="${LR_RECON:-5e-4}"; LR_NEXT="${LR_NEXT:-5e-5}"; LR_SFT="${LR_SFT:-5e-5}"
 LR_POLICY="${LR_POLICY:-1e-3}"
 TOPK_TRAIN="${TOPK_TRAIN:-4}"   # passages per training question (fewer than TOPK: faster steps)
-EVAL_N="${EVAL_N:-20}"          # test questions for the final eval
+EVAL_N="${EVAL_N:-10}"          # test questions for the final eval
 
 # 1. Accelerator.
 features=""
