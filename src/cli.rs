@@ -140,6 +140,11 @@ pub struct AnswerableArg {
 /// Compression and selection flags.
 #[derive(Debug, Clone, Args)]
 pub struct CompressArgs {
+    /// Keep a GGUF decoder's matrices quantized and multiply with candle's quantized kernels
+    /// (a quarter of the memory for Q4 weights; the arithmetic of llama.cpp-style inference)
+    /// instead of dequantizing them to f32. Not for a fine-tuned decoder.
+    #[arg(long)]
+    pub quantized: bool,
     /// Decoder tokens per chunk.
     #[arg(long, default_value_t = 16)]
     pub k: usize,
@@ -461,6 +466,9 @@ pub enum CacheArg {
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
+    /// Keep a GGUF decoder's matrices quantized (see `generate --quantized`).
+    #[arg(long)]
+    pub quantized: bool,
     /// Text file, one passage per line, that the contexts are cut from.
     #[arg(long, default_value = "data/corpus_large.txt")]
     pub corpus: PathBuf,

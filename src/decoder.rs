@@ -75,6 +75,33 @@ impl Decoder {
     }
 }
 
+impl Decoder {
+    /// Load a GGUF decoder keeping its matrices quantized as stored (see
+    /// [`Decoder::quantize_from`]); embeddings and norms are dequantized to f32.
+    pub fn load_quantized(
+        files: &ModelFiles,
+        device: &Device,
+    ) -> Result<(Decoder, DecoderTokenizer)> {
+        let ModelFiles::Gguf { path, .. } = files else {
+            anyhow::bail!(
+                "--quantized needs a GGUF decoder; '{}' is a Hugging Face folder",
+                files.name()
+            );
+        };
+        let (mut decoder, tokenizer) = Decoder::load(files, device, DType::F32)?;
+        let mut g = gguf::GgufFile::open(path)?;
+        let head = if g.has("output.weight") {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        decoder
+            .quantize_from(|name| g.qtensor(name, device), head)
+            .with_context(|| format!("keeping '{}' quantized", files.name()))?;
+        Ok((decoder, tokenizer))
+    }
+}
+
 /// Config, weights (all read into memory, in `dtype` on `device`) and tokenizer of a Hugging
 /// Face folder or a GGUF file.
 pub fn load_parts(files: &ModelFiles, device: &Device, dtype: DType) -> Result<DecoderParts> {

@@ -94,6 +94,19 @@ impl Refrag {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_with(enc, dec, load_dir, seed, device, false)
+    }
+
+    /// [`Refrag::load`], with the decoder's GGUF matrices kept quantized when `quantized`
+    /// (`--quantized`; not for a decoder that was fine-tuned, whose weights are f32).
+    pub fn load_with(
+        enc: Option<&str>,
+        dec: &str,
+        load_dir: Option<&Path>,
+        seed: u64,
+        device: &Device,
+        quantized: bool,
+    ) -> Result<Self> {
         let cfg = load_dir.map(RefragConfig::read).transpose()?;
         if let Some(c) = &cfg {
             if c.decoder_model != dec {
@@ -104,8 +117,16 @@ impl Refrag {
         let dtype = crate::device::compute_dtype(device);
         let (decoder, dtok) = match (load_dir, &cfg) {
             (Some(dir), Some(c)) if c.has("decoder") => {
+                if quantized {
+                    bail!(
+                        "--quantized: the decoder in {} was fine-tuned and is stored in f32; \
+                         run without --quantized",
+                        dir.display()
+                    );
+                }
                 load_trained_decoder(&files, dir, device, dtype)?
             }
+            _ if quantized => Decoder::load_quantized(&files, device)?,
             _ => Decoder::load(&files, device, dtype)?,
         };
         let encoder = ChunkEncoder::load(enc, load_dir, &decoder, seed, device)?;

@@ -101,6 +101,59 @@ fn gguf_logits_match_quantized_llama_prefill_and_cached_steps() {
 }
 
 #[test]
+fn quantized_gguf_kept_quantized_equals_quantized_llama() {
+    // Q8_0 matrices (the real SmolLM2 file is Q4_1, whose kernel needs an even number of
+    // blocks per row; the tiny MLP has five): kept quantized, our decoder runs the same
+    // kernels as the reference (activations quantized too), so logits agree to float noise.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny_q4.gguf");
+    tiny::write_tiny_decoder_gguf_as(
+        &path,
+        7,
+        Arch::Llama,
+        candle_core::quantized::GgmlDType::Q8_0,
+    )
+    .unwrap();
+    let files = hub::resolve(path.to_str().unwrap()).unwrap();
+    let (ours, _) = Decoder::load_quantized(&files, &Device::Cpu).unwrap();
+    let (dense, _) = Decoder::load(&files, &Device::Cpu, DType::F32).unwrap();
+    let mut f = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let mut reference =
+        quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
+    let mut cache = ours.new_cache(64);
+    let (prompt, rest) = IDS.split_at(7);
+    let want = reference.forward(&ids(prompt), 0).unwrap();
+    let got = ours
+        .forward_ids(&ids(prompt), Some(&mut cache), Logits::Last)
+        .unwrap();
+    let d = max_diff(&got, &want);
+    assert!(d < 1e-4, "prefill: {d}");
+    // The dequantized f32 path differs by the activation quantization only.
+    let f32_diff = max_diff(
+        &dense.forward_ids(&ids(prompt), None, Logits::Last).unwrap(),
+        &want,
+    );
+    assert!(f32_diff > d, "dequantized {f32_diff} vs quantized {d}");
+    for (i, &tok) in rest.iter().enumerate() {
+        let want = reference.forward(&ids(&[tok]), prompt.len() + i).unwrap();
+        let got = ours
+            .forward_ids(&ids(&[tok]), Some(&mut cache), Logits::Last)
+            .unwrap();
+        let d = max_diff(&got, &want);
+        assert!(d < 1e-4, "step {i}: max diff {d}");
+    }
+    // An HF folder cannot be kept quantized.
+    let hf = dir.path().join("hf");
+    tiny::write_tiny_decoder(&hf, 7, Arch::Llama).unwrap();
+    let err = Decoder::load_quantized(&hub::resolve(hf.to_str().unwrap()).unwrap(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("--quantized needs a GGUF"), "{err}");
+}
+
+#[test]
 fn hf_and_gguf_of_the_same_weights_agree() {
     for arch in [Arch::Llama, Arch::Qwen2] {
         let dir = tempfile::tempdir().unwrap();

@@ -3,7 +3,8 @@
 //! `cargo test --test decoder_real -- --ignored --nocapture --test-threads 1`.
 //!
 //! - the tokenizer rebuilt from the GGUF metadata gives the ids of an independent reference;
-//! - greedy continuations equal candle-transformers' `quantized_llama` on the same file;
+//! - greedy continuations equal candle-transformers' `quantized_llama` on the same file (f32
+//!   against its dequantized weights; kept quantized against its Q4_1 kernels);
 //! - load / prefill / decode timings (printed, not asserted).
 
 use std::io::{Seek, SeekFrom};
@@ -18,12 +19,15 @@ use refrag::hub::ModelFiles;
 
 const GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
-fn load() -> (Decoder, DecoderTokenizer) {
-    let files = ModelFiles::Gguf {
+fn files() -> ModelFiles {
+    ModelFiles::Gguf {
         name: GGUF.into(),
         path: GGUF.into(),
-    };
-    Decoder::load(&files, &Device::Cpu, DType::F32).unwrap()
+    }
+}
+
+fn load() -> (Decoder, DecoderTokenizer) {
+    Decoder::load(&files(), &Device::Cpu, DType::F32).unwrap()
 }
 
 fn argmax(logits: &Tensor) -> u32 {
@@ -262,6 +266,11 @@ fn greedy_continuations_match_quantized_llama() {
     // Against the Q4_1 x Q8_1 kernels, near-ties may flip.
     let same_q = compare_greedy(&m, &tok, reference(false), 1.0);
     println!("identical greedy continuations vs quantized quantized_llama: {same_q} of 20");
+    // Kept quantized (`--quantized`), ours runs the reference's kernels: the same tokens.
+    let (mq, _) = Decoder::load_quantized(&files(), &Device::Cpu).unwrap();
+    let same_qq = compare_greedy(&mq, &tok, reference(false), 1.0);
+    println!("identical greedy continuations, ours --quantized vs quantized quantized_llama: {same_qq} of 20");
+    assert!(same_qq >= 16, "{same_qq} of 20");
 }
 
 /// CPU seconds this process has used (user + system, all threads), from `/proc/self/stat`.

@@ -295,6 +295,50 @@ fn same_seed_same_sample() {
 }
 
 #[test]
+fn quantized_gguf_decoder_generates_and_an_hf_one_is_refused() {
+    let f = Fixture::new();
+    assert!(f.index("idx", None).status.success());
+    let gguf = f.path("tiny_q8.gguf");
+    refrag::testing::llama::write_tiny_decoder_gguf_as(
+        &gguf,
+        2,
+        refrag::decoder::Arch::Llama,
+        candle_core::quantized::GgmlDType::Q8_0,
+    )
+    .unwrap();
+    let g = f.s("tiny_q8.gguf");
+    let args: Vec<String> = [
+        "generate",
+        "--index_dir",
+        &f.s("idx"),
+        "--embed_model",
+        &f.s("bert"),
+        "--enc",
+        &f.s("bert"),
+        "--dec",
+        &g,
+        "--quantized",
+        "--question",
+        "Which river flows through City_10007?",
+        "--topk",
+        "3",
+        "--max_new",
+        "6",
+        "--p",
+        "0.5",
+    ]
+    .map(String::from)
+    .to_vec();
+    let out = json(&run(&args));
+    assert!(out["answer"].is_string(), "{out}");
+    let o = f.generate("idx", &["--quantized"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert!(last.contains("--quantized needs a GGUF"), "{err}");
+}
+
+#[test]
 fn bad_flags_are_one_line_errors() {
     let f = Fixture::new();
     assert!(f.index("idx", None).status.success());

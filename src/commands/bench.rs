@@ -92,12 +92,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let load_dir = a.load_dir.as_deref();
     let dev = device::select(a.runtime.device)?;
     let dec = decoder_arg(a.models.dec.as_deref(), load_dir)?;
-    let refrag = Refrag::load(
+    let refrag = Refrag::load_with(
         a.models.enc.as_deref(),
         &dec,
         load_dir,
         a.runtime.seed,
         &dev,
+        a.quantized,
     )?;
     let (before, after) = refrag.dtok.chat_parts(None);
     let template = Template::new(&before, &after, &a.question, |t| {

@@ -81,7 +81,14 @@ pub fn open_pipeline(
         retriever.embedder()?; // load before the clock starts
     }
     let dec = decoder_arg(models.dec.as_deref(), load_dir)?;
-    let refrag = Refrag::load(models.enc.as_deref(), &dec, load_dir, runtime.seed, &dev)?;
+    let refrag = Refrag::load_with(
+        models.enc.as_deref(),
+        &dec,
+        load_dir,
+        runtime.seed,
+        &dev,
+        c.quantized,
+    )?;
     let cache = usable_cache(&refrag, &r.index_dir, c.k)?;
     Ok((dev, retriever, dec, refrag, cache))
 }

@@ -479,7 +479,14 @@ pub fn run_policy(a: &TrainPolicyArgs) -> Result<()> {
     } else {
         Some(src.enc.as_str())
     };
-    let refrag = Refrag::load(enc_arg, &src.dec, start.as_deref(), a.runtime.seed, &dev)?;
+    let refrag = Refrag::load_with(
+        enc_arg,
+        &src.dec,
+        start.as_deref(),
+        a.runtime.seed,
+        &dev,
+        c.quantized,
+    )?;
     let pc = PolicyConfig {
         d: refrag.decoder.hidden_size(),
         hidden: a.policy_hidden,

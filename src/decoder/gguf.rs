@@ -42,7 +42,18 @@ impl GgufFile {
         Ok(q.dequantize(device)?)
     }
 
-    fn has(&self, name: &str) -> bool {
+    /// One tensor as stored (quantized), on `device`.
+    pub fn qtensor(
+        &mut self,
+        name: &str,
+        device: &Device,
+    ) -> Result<candle_core::quantized::QTensor> {
+        self.content
+            .tensor(&mut self.reader, name, device)
+            .with_context(|| format!("GGUF tensor {name}"))
+    }
+
+    pub fn has(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
 }

@@ -64,10 +64,16 @@ struct Step<'a> {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
+    /// q/k rows in llama.cpp's interleaved rotary layout (quantized GGUF weights, kept as
+    /// stored): rotate adjacent pairs instead of the two halves.
+    interleaved: bool,
+    /// Attend in candle-transformers' `quantized_llama` order of operations (kept-quantized
+    /// weights), not through the fused BLAS op.
+    interleaved_exact: bool,
     n_head: usize,
     n_kv: usize,
     head_dim: usize,
@@ -79,10 +85,12 @@ impl Attention {
         let (nq, nkv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
         let bias = cfg.attention_bias;
         Ok(Attention {
-            q_proj: linear_b(d, nq, bias, vb.pp("q_proj"))?,
-            k_proj: linear_b(d, nkv, bias, vb.pp("k_proj"))?,
-            v_proj: linear_b(d, nkv, bias, vb.pp("v_proj"))?,
-            o_proj: linear_b(nq, d, cfg.o_proj_bias, vb.pp("o_proj"))?,
+            q_proj: Proj::Dense(linear_b(d, nq, bias, vb.pp("q_proj"))?),
+            k_proj: Proj::Dense(linear_b(d, nkv, bias, vb.pp("k_proj"))?),
+            v_proj: Proj::Dense(linear_b(d, nkv, bias, vb.pp("v_proj"))?),
+            o_proj: Proj::Dense(linear_b(nq, d, cfg.o_proj_bias, vb.pp("o_proj"))?),
+            interleaved: false,
+            interleaved_exact: false,
             n_head: cfg.num_attention_heads,
             n_kv: cfg.num_key_value_heads,
             head_dim: hd,
@@ -98,7 +106,9 @@ impl Attention {
     }
 
     fn rope(&self, x: &Tensor, s: &Step) -> Result<Tensor> {
-        if s.grad {
+        if self.interleaved {
+            candle_nn::rotary_emb::rope_i(x, s.cos, s.sin)
+        } else if s.grad {
             candle_nn::rotary_emb::rope_slow(x, s.cos, s.sin)
         } else {
             candle_nn::rotary_emb::rope(x, s.cos, s.sin)
@@ -112,21 +122,36 @@ impl Attention {
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let q = self.rope(&self.heads(linear(&self.q_proj, x)?, self.n_head)?, s)?; // (b, h, t, hd)
-        let k = self.rope(&self.heads(linear(&self.k_proj, x)?, self.n_kv)?, s)?; // (b, kv, t, hd)
-        let v = self.heads(linear(&self.v_proj, x)?, self.n_kv)?; // (b, kv, t, hd)
+        let q = self.rope(&self.heads(self.q_proj.forward(x)?, self.n_head)?, s)?; // (b, h, t, hd)
+        let k = self.rope(&self.heads(self.k_proj.forward(x)?, self.n_kv)?, s)?; // (b, kv, t, hd)
+        let v = self.heads(self.v_proj.forward(x)?, self.n_kv)?; // (b, kv, t, hd)
         let (k, v) = match cache {
             Some((c, layer)) => c.append(layer, &k, &v)?, // (b, kv, L, hd)
             None => (k, v),
         };
+        if self.interleaved_exact {
+            // Kept-quantized GGUF weights: attention in quantized_llama's exact order of
+            // operations, so the activations its kernels quantize are bit-identical too.
+            let rep = self.n_head / self.n_kv;
+            let k = candle_transformers::utils::repeat_kv(k.contiguous()?, rep)?;
+            let v = candle_transformers::utils::repeat_kv(v.contiguous()?, rep)?;
+            let mut att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+            if let Some(mask) = s.mask {
+                att = att.broadcast_add(mask)?;
+            }
+            let y = candle_nn::ops::softmax_last_dim(&att)?.matmul(&v)?;
+            let y = y
+                .transpose(1, 2)?
+                .reshape((b, t, self.n_head * self.head_dim))?;
+            return self.o_proj.forward(&y);
+        }
         if !s.grad && k.device().is_cpu() && k.dtype() == DType::F32 {
             // Fused blocked attention through the system BLAS, reading the cache in place.
             let scale = 1.0 / (self.head_dim as f32).sqrt();
             let y = crate::blas::causal_attention(&q, &k, &v, scale)?; // (b, t, h, hd)
-            return linear(
-                &self.o_proj,
-                &y.reshape((b, t, self.n_head * self.head_dim))?,
-            );
+            return self
+                .o_proj
+                .forward(&y.reshape((b, t, self.n_head * self.head_dim))?);
         }
         // The CPU matmul reads the cache's strided views in place; other backends (not tested
         // here) get contiguous copies, cheap next to their memory bandwidth.
@@ -139,7 +164,7 @@ impl Attention {
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.n_head * self.head_dim))?;
-        linear(&self.o_proj, &y)
+        self.o_proj.forward(&y)
     }
 
     /// Scaled dot-product attention of `q` (b, h, t, hd) over `k`, `v` (b, kv, L, hd), with the
@@ -219,24 +244,24 @@ const ATTN_BLOCK: usize = 256;
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Mlp {
     fn new(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Mlp {
-            gate_proj: linear_b(d, f, false, vb.pp("gate_proj"))?,
-            up_proj: linear_b(d, f, false, vb.pp("up_proj"))?,
-            down_proj: linear_b(f, d, false, vb.pp("down_proj"))?,
+            gate_proj: Proj::Dense(linear_b(d, f, false, vb.pp("gate_proj"))?),
+            up_proj: Proj::Dense(linear_b(d, f, false, vb.pp("up_proj"))?),
+            down_proj: Proj::Dense(linear_b(f, d, false, vb.pp("down_proj"))?),
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&linear(&self.gate_proj, x)?)?;
-        linear(&self.down_proj, &(g * linear(&self.up_proj, x)?)?)
+        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
     }
 }
 
@@ -279,10 +304,12 @@ pub struct Decoder {
     embed_tokens: Embedding,
     layers: Vec<Block>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Proj,
     inv_freq: Vec<f32>,
     /// Some weight is a trainable `Var`: always take the differentiable path.
     trainable: bool,
+    /// Projections kept quantized ([`Decoder::quantize_from`]).
+    quantized: bool,
     device: Device,
     dtype: DType,
 }
@@ -317,7 +344,8 @@ impl Decoder {
             || lm_head.weight().is_variable()
             || layers
                 .first()
-                .is_some_and(|l| l.self_attn.q_proj.weight().is_variable());
+                .is_some_and(|l| l.self_attn.q_proj.is_variable());
+        let lm_head = Proj::Dense(lm_head);
         Ok(Decoder {
             cfg: cfg.clone(),
             embed_tokens,
@@ -326,9 +354,50 @@ impl Decoder {
             lm_head,
             inv_freq: cfg.inv_freq(),
             trainable,
+            quantized: false,
             device: vb.device().clone(),
             dtype: embed.dtype(),
         })
+    }
+
+    /// Replace every projection and the LM head with the quantized tensors of the GGUF file this
+    /// decoder was loaded from, multiplied by candle's quantized kernels: a quarter of the
+    /// memory for Q4 weights, and the same arithmetic as candle-transformers'
+    /// `quantized_llama` (its activations are quantized too). Inference only. `tensor` reads a
+    /// GGUF tensor by its llama.cpp name, `lm_head` names the output matrix (`output.weight`, or
+    /// `token_embd.weight` when tied); Llama q/k rows stay in llama.cpp's interleaved rotary
+    /// layout and are rotated accordingly.
+    pub fn quantize_from(
+        &mut self,
+        mut tensor: impl FnMut(&str) -> anyhow::Result<candle_core::quantized::QTensor>,
+        lm_head: &str,
+    ) -> anyhow::Result<()> {
+        if self.trainable {
+            anyhow::bail!("a trainable decoder cannot be quantized");
+        }
+        let interleaved = self.cfg.arch == super::config::Arch::Llama;
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let mut q = |name: &str, p: &Proj| -> anyhow::Result<Proj> {
+                Ok(Proj::quant(
+                    tensor(&format!("blk.{i}.{name}.weight"))?,
+                    p.bias(),
+                )?)
+            };
+            let a = &mut l.self_attn;
+            a.q_proj = q("attn_q", &a.q_proj)?;
+            a.k_proj = q("attn_k", &a.k_proj)?;
+            a.v_proj = q("attn_v", &a.v_proj)?;
+            a.o_proj = q("attn_output", &a.o_proj)?;
+            a.interleaved = interleaved;
+            a.interleaved_exact = true;
+            let m = &mut l.mlp;
+            m.gate_proj = q("ffn_gate", &m.gate_proj)?;
+            m.up_proj = q("ffn_up", &m.up_proj)?;
+            m.down_proj = q("ffn_down", &m.down_proj)?;
+        }
+        self.lm_head = Proj::quant(tensor(lm_head)?, None)?;
+        self.quantized = true;
+        Ok(())
     }
 
     pub fn config(&self) -> &DecoderConfig {
@@ -385,7 +454,7 @@ impl Decoder {
         let (cos, sin) = self.rotary(past, t)?;
         let grad = self.trainable || x.track_op() || self.dtype == DType::F64;
         // The fused CPU attention (f32, no gradients) applies the causal mask itself.
-        let fused = !grad && self.device.is_cpu() && self.dtype == DType::F32;
+        let fused = !grad && !self.quantized && self.device.is_cpu() && self.dtype == DType::F32;
         let mask = if t > 1 && !fused {
             Some(causal_mask(past, t, &self.device)?.to_dtype(softmax_dtype(self.dtype))?)
         } else {
@@ -410,7 +479,9 @@ impl Decoder {
             Logits::Last => h.i((.., t - 1, ..))?.contiguous()?, // (b, d)
         };
         let h = self.norm.forward(&h, step.grad)?;
-        linear(&self.lm_head, &h)?.to_dtype(softmax_dtype(self.dtype))
+        self.lm_head
+            .forward(&h)?
+            .to_dtype(softmax_dtype(self.dtype))
     }
 
     /// `forward_embeds` on `embed(ids)`; ids `(b, t)` u32.
@@ -434,6 +505,51 @@ impl Decoder {
             angles.cos()?.to_dtype(self.dtype)?,
             angles.sin()?.to_dtype(self.dtype)?,
         ))
+    }
+}
+
+/// A linear map: dense weights (any source, trainable or not), or a llama.cpp-quantized GGUF
+/// tensor multiplied by candle's quantized kernels (inference only; activations are quantized
+/// the way llama.cpp does, so results match `quantized_llama` exactly).
+#[derive(Debug, Clone)]
+enum Proj {
+    Dense(Linear),
+    Quant {
+        mm: candle_core::quantized::QMatMul,
+        bias: Option<Tensor>,
+    },
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Proj::Dense(l) => linear(l, x),
+            Proj::Quant { mm, bias } => {
+                let y = mm.forward(x)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+
+    fn is_variable(&self) -> bool {
+        matches!(self, Proj::Dense(l) if l.weight().is_variable())
+    }
+
+    fn bias(&self) -> Option<Tensor> {
+        match self {
+            Proj::Dense(l) => l.bias().cloned(),
+            Proj::Quant { bias, .. } => bias.clone(),
+        }
+    }
+
+    fn quant(q: candle_core::quantized::QTensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Proj::Quant {
+            mm: candle_core::quantized::QMatMul::from_qtensor(q)?,
+            bias,
+        })
     }
 }
 

@@ -279,11 +279,23 @@ pub fn write_tiny_llama_gguf(path: &Path, seed: u64) -> Result<()> {
 /// `write_tiny_llama_gguf` for either architecture. Tensors are f32 (no quantization noise);
 /// Llama's q/k projections are permuted as llama.cpp's converter does (Qwen2's are not).
 pub fn write_tiny_decoder_gguf(path: &Path, seed: u64, arch: Arch) -> Result<()> {
+    write_tiny_decoder_gguf_as(path, seed, arch, GgmlDType::F32)
+}
+
+/// [`write_tiny_decoder_gguf`] with every matrix stored as `dtype` (e.g. `Q4_1`, as the real
+/// SmolLM2 file); vectors (norms, biases) stay f32, as llama.cpp stores them.
+pub fn write_tiny_decoder_gguf_as(
+    path: &Path,
+    seed: u64,
+    arch: Arch,
+    dtype: GgmlDType,
+) -> Result<()> {
     let cfg = tiny_config(arch);
     let w = tiny_weights(&cfg, seed)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut put = |name: String, t: &Tensor| -> Result<()> {
-        tensors.push((name, QTensor::quantize(t, GgmlDType::F32)?));
+        let dt = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
+        tensors.push((name, QTensor::quantize(t, dt)?));
         Ok(())
     };
     put("token_embd.weight".into(), &w["model.embed_tokens.weight"])?;
