@@ -362,34 +362,40 @@ impl candle_core::CustomOp3 for CausalAttention {
     }
 }
 
-/// `x <- softmax(x)`, vectorised: the exponential is a polynomial the compiler turns into SIMD
-/// code (AVX-512 or AVX2 when the CPU has them, chosen at run time), since `f32::exp` is a
-/// scalar libm call and a long prefill takes billions of them.
-pub fn softmax_in_place(x: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { softmax_avx512(x) };
+/// Defines `pub? fn $name($arg: $ty) -> $ret`, which runs `$generic` compiled for AVX-512 or
+/// AVX2+FMA when the CPU has them (chosen at run time), else as built.
+macro_rules! simd_dispatch {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($arg:ident: $ty:ty) -> $ret:ty = $generic:ident) => {
+        $(#[$doc])*
+        $vis fn $name($arg: $ty) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($arg: $ty) -> $ret {
+                    $generic($arg)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($arg: $ty) -> $ret {
+                    $generic($arg)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the features the function is compiled for.
+                    return unsafe { avx512($arg) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { avx2($arg) };
+                }
+            }
+            $generic($arg)
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { softmax_avx2(x) };
-        }
-    }
-    softmax_generic(x)
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_avx512(x: &mut [f32]) {
-    softmax_generic(x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_avx2(x: &mut [f32]) {
-    softmax_generic(x)
+simd_dispatch! {
+    /// `x <- softmax(x)`, vectorised: the exponential is a polynomial the compiler turns into
+    /// SIMD code, since `f32::exp` is a scalar libm call and a long prefill takes billions.
+    pub fn softmax_in_place(x: &mut [f32]) -> () = softmax_generic
 }
 
 /// `log(sum(exp(row)))` of each `cols`-long row of `x` (e.g. logits over a vocabulary), with the
@@ -398,31 +404,8 @@ pub fn log_sum_exp_rows(x: &[f32], cols: usize) -> Vec<f32> {
     x.chunks(cols.max(1)).map(log_sum_exp).collect()
 }
 
-fn log_sum_exp(x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { lse_avx512(x) };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { lse_avx2(x) };
-        }
-    }
-    lse_generic(x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn lse_avx512(x: &[f32]) -> f32 {
-    lse_generic(x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn lse_avx2(x: &[f32]) -> f32 {
-    lse_generic(x)
+simd_dispatch! {
+    fn log_sum_exp(x: &[f32]) -> f32 = lse_generic
 }
 
 #[inline(always)]

@@ -77,6 +77,10 @@ impl Fixture {
     }
 
     fn generate(&self, index: &str, extra: &[&str]) -> Output {
+        self.generate_with_dec(index, &self.s("llama"), extra)
+    }
+
+    fn generate_with_dec(&self, index: &str, dec: &str, extra: &[&str]) -> Output {
         let mut args: Vec<String> = [
             "generate",
             "--index_dir",
@@ -86,7 +90,7 @@ impl Fixture {
             "--enc",
             &self.s("bert"),
             "--dec",
-            &self.s("llama"),
+            dec,
             "--question",
             "Which river flows through City_10007?",
             "--topk",
@@ -307,29 +311,7 @@ fn quantized_gguf_decoder_generates_and_an_hf_one_is_refused() {
     )
     .unwrap();
     let g = f.s("tiny_q8.gguf");
-    let args: Vec<String> = [
-        "generate",
-        "--index_dir",
-        &f.s("idx"),
-        "--embed_model",
-        &f.s("bert"),
-        "--enc",
-        &f.s("bert"),
-        "--dec",
-        &g,
-        "--quantized",
-        "--question",
-        "Which river flows through City_10007?",
-        "--topk",
-        "3",
-        "--max_new",
-        "6",
-        "--p",
-        "0.5",
-    ]
-    .map(String::from)
-    .to_vec();
-    let out = json(&run(&args));
+    let out = json(&f.generate_with_dec("idx", &g, &["--quantized", "--p", "0.5"]));
     assert!(out["answer"].is_string(), "{out}");
     let o = f.generate("idx", &["--quantized"]);
     assert_eq!(o.status.code(), Some(1));

@@ -73,7 +73,7 @@ struct Attention {
     interleaved: bool,
     /// Attend in candle-transformers' `quantized_llama` order of operations (kept-quantized
     /// weights), not through the fused BLAS op.
-    interleaved_exact: bool,
+    reference_order: bool,
     n_head: usize,
     n_kv: usize,
     head_dim: usize,
@@ -90,7 +90,7 @@ impl Attention {
             v_proj: Proj::Dense(linear_b(d, nkv, bias, vb.pp("v_proj"))?),
             o_proj: Proj::Dense(linear_b(nq, d, cfg.o_proj_bias, vb.pp("o_proj"))?),
             interleaved: false,
-            interleaved_exact: false,
+            reference_order: false,
             n_head: cfg.num_attention_heads,
             n_kv: cfg.num_key_value_heads,
             head_dim: hd,
@@ -129,7 +129,7 @@ impl Attention {
             Some((c, layer)) => c.append(layer, &k, &v)?, // (b, kv, L, hd)
             None => (k, v),
         };
-        if self.interleaved_exact {
+        if self.reference_order {
             // Kept-quantized GGUF weights: attention in quantized_llama's exact order of
             // operations, so the activations its kernels quantize are bit-identical too.
             let rep = self.n_head / self.n_kv;
@@ -389,7 +389,7 @@ impl Decoder {
             a.v_proj = q("attn_v", &a.v_proj)?;
             a.o_proj = q("attn_output", &a.o_proj)?;
             a.interleaved = interleaved;
-            a.interleaved_exact = true;
+            a.reference_order = true;
             let m = &mut l.mlp;
             m.gate_proj = q("ffn_gate", &m.gate_proj)?;
             m.up_proj = q("ffn_up", &m.up_proj)?;
