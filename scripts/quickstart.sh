@@ -3,10 +3,14 @@
 # packages the build needs, build the binary with the matching features, fetch the default models,
 # then run the pipeline in runs/ (never writing into data/).
 #
+# By default it answers with the trained compressor shipped in weights/ (index with the chunk
+# cache, generate, eval: minutes). TRAIN=1 trains everything itself first (cpt_recon, cpt_next,
+# sft, train_policy on the synthetic data in data/) and answers with what it trained.
+#
 # Environment overrides (as in the seed): ENC_MODEL DEC_MODEL EMBED_MODEL TOPK K P CTX_MAX MAX_NEW
-# STEPS LR_RECON LR_NEXT LR_POLICY; also STEPS_RECON STEPS_NEXT STEPS_SFT STEPS_POLICY LR_SFT
-# TOPK_TRAIN EVAL_N; RUNS (output folder, default runs/quickstart); PROFILE (cargo profile,
-# default release).
+# STEPS LR_RECON LR_NEXT LR_POLICY; also TRAIN STEPS_RECON STEPS_NEXT STEPS_SFT STEPS_POLICY
+# LR_SFT TOPK_TRAIN EVAL_N; RUNS (output folder, default runs/quickstart); PROFILE (cargo
+# profile, default release).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
@@ -100,6 +104,8 @@ first="$(head -n 1 "$RUNS/eval_slice.jsonl")"
 question="$(printf '%s' "$first" | sed -E 's/.*"question":"([^"]*)".*/\1/')"
 gold="$(printf '%s' "$first" | sed -E 's/.*"answers":\["([^"]*)".*/\1/')"
 
+load=()
+if [ "${TRAIN:-0}" = 1 ]; then
 stage_start "cpt_recon: $STEPS_RECON steps (k=$K, lr $LR_RECON) -> $RUNS/cpt_recon"
 "$bin" cpt_recon --train_json data/cpt_train.jsonl --k "$K" --steps "$STEPS_RECON" \
   --lr "$LR_RECON" --max_chunks 4 --batch_size 2 --log_every 10 --eval_items 8 \
@@ -125,9 +131,15 @@ stage_start "train_policy: $STEPS_POLICY steps (p=$P, lr $LR_POLICY) -> $RUNS/po
   --lr "$LR_POLICY" --batch_size 2 --log_every 5 --eval_items 8 --load_dir "$RUNS/sft" \
   --out_dir "$RUNS/policy" --force "${embed[@]}" > "$RUNS/policy.json"
 stage_end train_policy
+load=(--load_dir "$RUNS/policy")
+elif [ -f weights/config.json ]; then
+  say "using the shipped weights in weights/ (TRAIN=1 trains them here instead)"
+else
+  say "no weights/ and TRAIN is not 1: answering with an untrained projector"
+fi
 
-stage_start "generate (k=$K, p=$P, trained weights): $question   [gold answer: $gold]"
-"$bin" generate --index_dir "$RUNS/index" --load_dir "$RUNS/policy" --question "$question" \
+stage_start "generate (k=$K, p=$P): $question   [gold answer: $gold]"
+"$bin" generate --index_dir "$RUNS/index" "${load[@]}" --question "$question" \
   --topk "$TOPK" --k "$K" --p "$P" --ctx_max "$CTX_MAX" --max_new "$MAX_NEW" "${embed[@]}" \
   > "$RUNS/generate.json"
 stage_end generate
@@ -141,7 +153,7 @@ fi
 
 stage_start "eval on $n test questions -> $RUNS/eval.json"
 "$bin" eval --rag_json "$RUNS/eval_slice.jsonl" --index_dir "$RUNS/index" \
-  --load_dir "$RUNS/policy" --topk "$TOPK" --k "$K" --p "$P" --ctx_max "$CTX_MAX" \
+  "${load[@]}" --topk "$TOPK" --k "$K" --p "$P" --ctx_max "$CTX_MAX" \
   --max_new "$MAX_NEW" "${embed[@]}" --out "$RUNS/eval.json" | tee "$RUNS/eval.md"
 stage_end eval
 

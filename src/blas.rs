@@ -235,6 +235,56 @@ fn f32_data(s: &CpuStorage) -> Result<&[f32]> {
     }
 }
 
+/// Row-major `C (m, n) = alpha * op(A) op(B) + beta * C`: `op(A)` is `(m, k)` (`A` stored
+/// `(k, m)` when `ta`), `op(B)` is `(k, n)` (`B` stored `(n, k)` when `tb`), with row strides
+/// `lda`, `ldb`, `ldc`. The slices start at each matrix's first element.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm(
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let i = |v: usize| v as c_int;
+    let trans_b: c_char = if tb { b'T' } else { b'N' } as c_char;
+    let trans_a: c_char = if ta { b'T' } else { b'N' } as c_char;
+    let a_rows = if ta { k } else { m };
+    let b_rows = if tb { n } else { k };
+    assert!(a.len() >= (a_rows - 1) * lda + if ta { m } else { k });
+    assert!(b.len() >= (b_rows - 1) * ldb + if tb { k } else { n });
+    assert!(c.len() >= (m - 1) * ldc + n);
+    // SAFETY: the asserts above check that every matrix lies inside its slice.
+    unsafe {
+        blas_sys::sgemm_(
+            &trans_b,
+            &trans_a,
+            &i(n),
+            &i(m),
+            &i(k),
+            &alpha,
+            b.as_ptr(),
+            &i(ldb),
+            a.as_ptr(),
+            &i(lda),
+            &beta,
+            c.as_mut_ptr(),
+            &i(ldc),
+        );
+    }
+}
+
 /// Row-major `C (m, n) = alpha * A (m, k) * op(B)`, `B` read from `b` with row stride `ldb`
 /// (`(n, k)` when `tb`, else `(k, n)`), `A` with row stride `lda`, `C` with row stride `ldc`.
 #[allow(clippy::too_many_arguments)]

@@ -38,6 +38,9 @@ pub struct RefragConfig {
     pub parts: Vec<String>,
     /// Optimiser steps done.
     pub step: usize,
+    /// Shape of the decoder's low-rank adapter, when `decoder_lora` is a part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::decoder::lora::LoraConfig>,
 }
 
 impl RefragConfig {

@@ -160,9 +160,13 @@ pub struct CompressArgs {
     /// Selection rule; default: the policy when --load_dir holds one, else the heuristic.
     #[arg(long, value_enum)]
     pub select: Option<SelectMode>,
-    /// Directory with trained weights (encoder, projector, policy, decoder) and its config.json.
+    /// Directory with trained weights (encoder, projector, policy, decoder) and its config.json
+    /// [default: the shipped weights/ when they were trained for these models].
     #[arg(long = "load_dir", alias = "load-dir")]
     pub load_dir: Option<PathBuf>,
+    /// Do not use the shipped weights: an untrained projector unless --load_dir is given.
+    #[arg(long = "no_weights", alias = "no-weights")]
+    pub no_weights: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -191,9 +195,13 @@ pub struct IndexArgs {
     /// Decoder tokens per chunk for the chunk cache [default: 16 when the cache is built].
     #[arg(long)]
     pub k: Option<usize>,
-    /// Trained weights whose encoder computes the cached chunk vectors.
+    /// Trained weights whose encoder computes the cached chunk vectors [default: the shipped
+    /// weights/ when they were trained for these models and a chunk cache is built].
     #[arg(long = "load_dir", alias = "load-dir")]
     pub load_dir: Option<PathBuf>,
+    /// Do not use the shipped weights for the chunk cache.
+    #[arg(long = "no_weights", alias = "no-weights")]
+    pub no_weights: bool,
     /// Replace an existing index directory.
     #[arg(long)]
     pub force: bool,
@@ -288,9 +296,14 @@ pub struct TrainArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct CptArgs {
-    /// JSONL of long items with `tokens` (text) and `split` ({"s": .., "o": ..}).
+    /// Training text: JSONL of long items with `tokens` (text) and `split` ({"s": .., "o": ..}),
+    /// or plain text with one paragraph per line (any extension but .jsonl / .json).
     #[arg(long = "train_json", alias = "train-json")]
     pub train_json: PathBuf,
+    /// Held-out text in the same formats: the evaluation reads its first --eval_items items and
+    /// training reads all of --train_json [default: hold out the last --eval_items of --train_json].
+    #[arg(long = "eval_json", alias = "eval-json")]
+    pub eval_json: Option<PathBuf>,
     #[command(flatten)]
     pub models: EncDecArgs,
     /// Decoder tokens per chunk.
@@ -305,6 +318,14 @@ pub struct CptArgs {
     /// Keep the decoder frozen in cpt_next.
     #[arg(long = "freeze_dec", alias = "freeze-dec")]
     pub freeze_dec: bool,
+    /// Keep the chunk encoder frozen and train only the projector (the first phase of a
+    /// schedule that aligns the projector before the encoder moves).
+    #[arg(long = "freeze_enc", alias = "freeze-enc")]
+    pub freeze_enc: bool,
+    /// Rank of the decoder's LoRA adapter where it trains (0: fine-tune every weight)
+    /// [default: 8 in cpt_next; cpt_recon keeps the decoder frozen unless given].
+    #[arg(long = "lora_rank", alias = "lora-rank")]
+    pub lora_rank: Option<usize>,
     /// Learning rate of the decoder when it trains (cpt_next) [default: --lr / 5].
     #[arg(long = "dec_lr", alias = "dec-lr")]
     pub dec_lr: Option<f64>,
@@ -383,6 +404,13 @@ pub struct SftArgs {
     /// Keep the decoder frozen.
     #[arg(long = "freeze_dec", alias = "freeze-dec")]
     pub freeze_dec: bool,
+    /// Rank of the decoder's LoRA adapter (0: fine-tune every weight) [default: 8].
+    #[arg(long = "lora_rank", alias = "lora-rank")]
+    pub lora_rank: Option<usize>,
+    /// Largest expansion fraction drawn per training example (uniform in [0, this]): below 1
+    /// spends the steps on the compressed inputs inference uses.
+    #[arg(long = "expand_max", alias = "expand-max", default_value_t = 1.0)]
+    pub expand_max: f64,
     /// Learning rate of the decoder [default: --lr].
     #[arg(long = "dec_lr", alias = "dec-lr")]
     pub dec_lr: Option<f64>,
@@ -416,6 +444,12 @@ pub enum EvalMode {
     NoContext,
     /// Every chunk expanded (p = 1): the ordinary full-context RAG input.
     Full,
+    /// REFRAG with every chunk compressed (p = 0).
+    Compressed,
+    /// The equal-budget baseline: the retrieved passages as plain tokens, in rank order, cut
+    /// (at a chunk boundary) where the decoder positions of REFRAG at --p run out; the rest
+    /// dropped. The paper's comparison of compressed passages against the plain ones that fit.
+    TopnFull,
     /// REFRAG, expanding the chunks the perplexity heuristic picks.
     Heuristic,
     /// REFRAG, expanding chunks at random.
@@ -474,9 +508,13 @@ pub struct BenchArgs {
     pub corpus: PathBuf,
     #[command(flatten)]
     pub models: EncDecArgs,
-    /// Directory with trained weights (encoder, projector) and its config.json.
+    /// Directory with trained weights (encoder, projector) and its config.json [default: the
+    /// shipped weights/ when they were trained for these models].
     #[arg(long = "load_dir", alias = "load-dir")]
     pub load_dir: Option<PathBuf>,
+    /// Do not use the shipped weights.
+    #[arg(long = "no_weights", alias = "no-weights")]
+    pub no_weights: bool,
     /// Context lengths in decoder tokens, comma-separated (those the decoder cannot hold are skipped).
     #[arg(long, value_delimiter = ',', default_values_t = [512usize, 1024, 2048, 4096, 8192])]
     pub contexts: Vec<usize>,

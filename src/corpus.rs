@@ -44,9 +44,29 @@ const TEST_ENTITIES: [usize; 4] = [43, 43, 43, 42];
 /// One question and its accepted answers (a line of `rag_train.jsonl` / `rag_test.jsonl`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QaPair {
+    /// The line number (1-based) when the file has no `id` (SQuAD-style files often do not).
+    #[serde(default)]
     pub id: String,
     pub question: String,
     pub answers: Vec<String>,
+}
+
+/// Read a QA JSONL file (`question`, `answers`, optional `id`; other fields ignored); a pair
+/// without an `id` gets its line number.
+pub fn read_qa(path: &std::path::Path) -> anyhow::Result<Vec<QaPair>> {
+    let mut rows: Vec<QaPair> = crate::jsonio::read_jsonl(path)?;
+    let text = crate::jsonio::read_utf8(path)?;
+    let lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, _)| i + 1);
+    for (row, line) in rows.iter_mut().zip(lines) {
+        if row.id.is_empty() {
+            row.id = line.to_string();
+        }
+    }
+    Ok(rows)
 }
 
 /// How a CPT text is cut: `s` decoder tokens of context, then `o` tokens of continuation.

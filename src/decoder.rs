@@ -16,6 +16,7 @@ mod cache;
 mod chat;
 mod config;
 mod gguf;
+pub mod lora;
 mod model;
 mod tokenizer;
 mod weights;

@@ -15,6 +15,7 @@ use crate::decoder::Decoder;
 use crate::embed::{BertEmbedder, Pooling};
 use crate::hub::{self, ModelFiles};
 use crate::projector::{Projector, ProjectorConfig};
+use crate::weights::{model_key, recorded_or_default};
 
 /// Pooling of the chunk encoder when nothing says otherwise. all-MiniLM-L6-v2 was trained for
 /// mean pooling, so an untrained projector sees more of the chunk's content through it than
@@ -47,12 +48,12 @@ impl ChunkEncoder {
     ) -> Result<Self> {
         let cfg = load_dir.map(RefragConfig::read).transpose()?;
         let enc_name = match (enc_arg, &cfg) {
-            (Some(e), Some(c)) if e != c.encoder_model => bail!(
+            (Some(e), Some(c)) if model_key(e) != model_key(&c.encoder_model) => bail!(
                 "--enc {e} differs from the encoder the weights in --load_dir were trained from ({})",
                 c.encoder_model
             ),
             (Some(e), _) => e.to_string(),
-            (None, Some(c)) => c.encoder_model.clone(),
+            (None, Some(c)) => recorded_or_default(&c.encoder_model, hub::Role::Encoder),
             (None, None) => hub::model_arg(None, hub::Role::Encoder),
         };
         let mut files = hub::resolve(&enc_name)?;
@@ -65,8 +66,10 @@ impl ChunkEncoder {
             if c.has("encoder") {
                 let path = checkpoint::part_path(dir, "encoder");
                 fingerprint.push_str(&format!("|{}", file_digest(&path)?));
+                // The trained file's tensors override the base model's; tensors it leaves out
+                // (frozen in training, such as the token-embedding table) come from the base.
                 if let ModelFiles::Hf { weights, .. } = &mut files {
-                    *weights = vec![path];
+                    weights.push(path);
                 }
             }
         }

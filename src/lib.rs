@@ -16,6 +16,7 @@ pub mod device;
 pub mod embed;
 pub mod encoder;
 pub mod eval;
+pub mod fused;
 pub mod hub;
 pub mod index;
 pub mod jsonio;
@@ -29,6 +30,7 @@ pub mod sample;
 pub mod select;
 pub mod testing;
 pub mod train;
+pub mod weights;
 
 /// Version plus the compiled cargo features, for `refrag --version`.
 pub const VERSION_LONG: &str = concat!(

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
@@ -109,13 +109,13 @@ impl Refrag {
     ) -> Result<Self> {
         let cfg = load_dir.map(RefragConfig::read).transpose()?;
         if let Some(c) = &cfg {
-            if c.decoder_model != dec {
+            if crate::weights::model_key(&c.decoder_model) != crate::weights::model_key(dec) {
                 bail!("--dec {dec} differs from the decoder the weights in --load_dir were trained with ({})", c.decoder_model);
             }
         }
         let files = crate::hub::resolve(dec)?;
         let dtype = crate::device::compute_dtype(device);
-        let (decoder, dtok) = match (load_dir, &cfg) {
+        let (mut decoder, dtok) = match (load_dir, &cfg) {
             (Some(dir), Some(c)) if c.has("decoder") => {
                 if quantized {
                     bail!(
@@ -129,6 +129,9 @@ impl Refrag {
             _ if quantized => Decoder::load_quantized(&files, device)?,
             _ => Decoder::load(&files, device, dtype)?,
         };
+        if let (Some(dir), Some(c)) = (load_dir, &cfg) {
+            apply_lora(&mut decoder, dir, c, device)?;
+        }
         let encoder = ChunkEncoder::load(enc, load_dir, &decoder, seed, device)?;
         let policy = match (load_dir, &cfg) {
             (Some(dir), Some(c)) if c.has("policy") => Some(load_policy(dir, c, &decoder, device)?),
@@ -246,7 +249,7 @@ impl Refrag {
                 let e = self.timed_embed(prep, &all, cache, times)?;
                 let t = Instant::now();
                 let q = self.question_vector(&prep.question)?;
-                let pos = crate::policy::position_features(&prep.layout, &self.device)?;
+                let pos = self.policy_features(prep)?;
                 let s: Vec<f32> = policy
                     .scores(&e, &q, &pos)?
                     .to_dtype(DType::F32)?
@@ -311,6 +314,33 @@ impl Refrag {
                 .collect();
             out.extend(chunk_scores(&self.decoder, &self.dtok, &chunks)?);
             start = end;
+        }
+        Ok(out)
+    }
+
+    /// The policy's per-chunk features of a prepared question
+    /// ([`crate::policy::position_features`]).
+    pub fn policy_features(&self, prep: &Prepared) -> Result<Tensor> {
+        let q = self.question_content_ids(&prep.question)?;
+        Ok(crate::policy::position_features(
+            &prep.layout,
+            &q,
+            &self.device,
+        )?)
+    }
+
+    /// The question's content tokens: decoder token ids whose text has at least four letters
+    /// or digits, or is a number (function words and punctuation left out).
+    pub fn question_content_ids(&self, question: &str) -> Result<Vec<u32>> {
+        let ids = self.dtok.encode(question, false)?;
+        let mut out = Vec::new();
+        for id in ids {
+            let text = self.dtok.decode(&[id])?;
+            let alnum = text.chars().filter(|c| c.is_alphanumeric()).count();
+            let number = alnum > 0 && text.trim().chars().all(|c| c.is_ascii_digit());
+            if (alnum >= 4 || number) && !out.contains(&id) {
+                out.push(id);
+            }
         }
         Ok(out)
     }
@@ -482,6 +512,50 @@ fn load_trained_decoder(
         device,
         dtype,
     )
+}
+
+/// Merge the LoRA adapter of a weights directory into the decoder (beside its matrices when
+/// they stay quantized), when the directory has one.
+pub fn apply_lora(
+    decoder: &mut Decoder,
+    dir: &Path,
+    cfg: &RefragConfig,
+    device: &Device,
+) -> Result<()> {
+    if !cfg.has("decoder_lora") {
+        return Ok(());
+    }
+    let Some(lora) = &cfg.lora else {
+        bail!(
+            "{}: config.json lists decoder_lora but not its shape (\"lora\")",
+            dir.join("config.json").display()
+        );
+    };
+    let path = checkpoint::part_path(dir, "decoder_lora");
+    let vars = VarMap::new();
+    {
+        let file = candle_core::safetensors::load(&path, device)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let mut data = vars.data().lock().unwrap();
+        for (name, t) in file {
+            data.insert(
+                name,
+                candle_core::Var::from_tensor(&t.to_dtype(DType::F32)?)?,
+            );
+        }
+    }
+    let expected = vars.all_vars().len();
+    decoder
+        .add_lora(lora, &vars, false)
+        .with_context(|| format!("applying {}", path.display()))?;
+    let needed = 2 * lora.targets.len() * decoder.config().num_hidden_layers;
+    if vars.all_vars().len() != expected || expected != needed {
+        bail!(
+            "{}: {expected} LoRA tensors, this decoder needs {needed} (checkpoint from another model?)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 fn load_policy(

@@ -15,15 +15,21 @@ pub struct PolicyConfig {
     pub hidden: usize,
 }
 
-/// Per-chunk position features the policy sees besides the embeddings.
-pub const POSITION_FEATURES: usize = 2;
+/// Per-chunk features the policy sees besides the embeddings: passage rank, place in the
+/// passage, overlap with the question.
+pub const POSITION_FEATURES: usize = 3;
 
 /// `(L, POSITION_FEATURES)`: for each chunk of `layout`, its passage's retrieval rank and its
-/// index inside the passage, each divided by the number of passages / that passage's chunks.
+/// index inside the passage, each divided by the number of passages / that passage's chunks,
+/// and the fraction of the question's content tokens `question` (distinct decoder token ids)
+/// that occur in the chunk: a compressed vector blurs exact words, and the chunk that repeats
+/// the question's words is the one worth reading in full.
 pub fn position_features(
     layout: &crate::prompt::PromptLayout,
+    question: &[u32],
     device: &candle_core::Device,
 ) -> Result<Tensor> {
+    let q: std::collections::HashSet<u32> = question.iter().copied().collect();
     let chunks = &layout.chunks;
     let passages = chunks.iter().map(|c| c.passage + 1).max().unwrap_or(1);
     let mut per_passage = vec![0usize; passages];
@@ -35,6 +41,8 @@ pub fn position_features(
     for c in chunks {
         v.push(c.passage as f32 / passages as f32);
         v.push(seen[c.passage] as f32 / per_passage[c.passage] as f32);
+        let hits = q.iter().filter(|t| c.tokens.contains(t)).count();
+        v.push(hits as f32 / q.len().max(1) as f32);
         seen[c.passage] += 1;
     }
     Tensor::from_vec(v, (chunks.len(), POSITION_FEATURES), device)
@@ -132,11 +140,19 @@ mod tests {
                 },
             ]
         );
-        let f: Vec<Vec<f32>> = position_features(&layout, &Device::Cpu)
+        let f: Vec<Vec<f32>> = position_features(&layout, &[7, 8, 9, 7], &Device::Cpu)
             .unwrap()
             .to_vec2()
             .unwrap();
-        assert_eq!(f, vec![vec![0.0, 0.0], vec![0.0, 0.5], vec![0.5, 0.0]]);
+        let third = 1.0 / 3.0;
+        assert_eq!(
+            f,
+            vec![
+                vec![0.0, 0.0, 0.0],
+                vec![0.0, 0.5, third],
+                vec![0.5, 0.0, third]
+            ]
+        );
     }
 
     #[test]

@@ -510,3 +510,73 @@ fn half_precision_runs_close_to_f32() {
     let d = max_diff(&a, &b) / scale.to_scalar::<f32>().unwrap();
     assert!(d < 0.05, "relative max diff {d}");
 }
+
+#[test]
+fn lora_fresh_is_identity_merged_equals_side_path_and_training_path_equals_inference() {
+    use refrag::decoder::lora::LoraConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = hf_model(dir.path(), Arch::Llama);
+    let want = base.forward_ids(&ids(&IDS), None, Logits::All).unwrap();
+    let cfg = LoraConfig::all(2, 5);
+    // A fresh adapter (B = 0) changes nothing.
+    let vars = VarMap::new();
+    let mut side = base.clone();
+    side.add_lora(&cfg, &vars, true).unwrap();
+    let got = side.forward_ids(&ids(&IDS), None, Logits::All).unwrap();
+    assert!(max_diff(&want, &got) < 1e-4, "{}", max_diff(&want, &got));
+    // Give B values: the merged decoder (inference) equals the side path (training), and the
+    // adapter moved the logits.
+    for (name, v) in vars.data().lock().unwrap().iter() {
+        if name.ends_with("lora_b") {
+            v.set(&Tensor::randn(0f32, 0.05, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let mut side = base.clone();
+    side.add_lora(&cfg, &vars, true).unwrap();
+    let mut merged = base.clone();
+    merged.add_lora(&cfg, &vars, false).unwrap();
+    let a = side.forward_ids(&ids(&IDS), None, Logits::All).unwrap();
+    let b = merged.forward_ids(&ids(&IDS), None, Logits::All).unwrap();
+    assert!(max_diff(&a, &b) < 1e-4, "{}", max_diff(&a, &b));
+    assert!(max_diff(&a, &want) > 1e-3);
+    // Gradients reach the adapter.
+    let loss = a.sum_all().unwrap();
+    let g = loss.backward().unwrap();
+    let any_b = vars
+        .all_vars()
+        .into_iter()
+        .filter(|v| g.get(v.as_tensor()).is_some())
+        .count();
+    assert_eq!(any_b, vars.all_vars().len());
+    // Same seed, same adapter initialisation.
+    let again = VarMap::new();
+    base.clone().add_lora(&cfg, &again, true).unwrap();
+    let name = "model.layers.0.self_attn.q_proj.lora_a";
+    let x = vars.data().lock().unwrap()[name].as_tensor().clone();
+    let y = again.data().lock().unwrap()[name].as_tensor().clone();
+    assert_eq!(max_diff(&x, &y), 0.0);
+}
+
+#[test]
+fn training_path_kernels_equal_the_inference_path() {
+    // A decoder whose input tracks gradients takes the fused differentiable kernels (RMS norm,
+    // rotary, attention, SwiGLU); its logits must equal the inference path's.
+    let dir = tempfile::tempdir().unwrap();
+    let (dec, _) = hf_model(dir.path(), Arch::Llama);
+    let x = dec.embed(&ids(&IDS)).unwrap();
+    let infer = dec.forward_embeds(&x, None, Logits::All).unwrap();
+    let v = Var::from_tensor(&x).unwrap();
+    let train = dec
+        .forward_embeds(v.as_tensor(), None, Logits::All)
+        .unwrap();
+    assert!(
+        max_diff(&infer, &train) < 1e-4,
+        "{}",
+        max_diff(&infer, &train)
+    );
+    let tail = dec
+        .forward_embeds(v.as_tensor(), None, Logits::Tail(3))
+        .unwrap();
+    assert!(max_diff(&tail, &train.narrow(1, IDS.len() - 3, 3).unwrap()) < 1e-6);
+}

@@ -136,7 +136,14 @@ fn p_one_equals_full_context_and_p_below_one_compresses() {
     let o = f.eval("idx", "p1.json", &["--p", "1"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let table = String::from_utf8_lossy(&o.stdout);
-    for mode in ["no-context", "full", "heuristic", "random"] {
+    for mode in [
+        "no-context",
+        "full",
+        "compressed",
+        "topn-full",
+        "heuristic",
+        "random",
+    ] {
         assert!(table.contains(&format!("| {mode} |")), "{table}");
     }
     assert!(table.contains("recall@2"), "{table}");
@@ -154,6 +161,13 @@ fn p_one_equals_full_context_and_p_below_one_compresses() {
             assert_eq!(x["positions"], full["positions"], "{mode}");
             assert_eq!(x["expanded"], x["chunks"]);
         }
+        // At p = 1 the equal-budget baseline holds every passage: it is full context.
+        let topn = result(q, "topn-full");
+        assert_eq!(topn["answer"], full["answer"], "{q}");
+        assert_eq!(topn["positions"], full["positions"]);
+        let comp = result(q, "compressed");
+        assert_eq!(comp["expanded"], 0);
+        assert!(comp["positions"].as_u64() < full["positions"].as_u64());
         let none = result(q, "no-context");
         assert!(none["positions"].as_u64() < full["positions"].as_u64());
         for x in q["results"].as_array().unwrap() {
@@ -170,6 +184,42 @@ fn p_one_equals_full_context_and_p_below_one_compresses() {
     }
     assert_eq!(summary(&r, "no-context")["compression"], Value::Null);
     assert_eq!(summary(&r, "full")["speedup_vs_full"], 1.0);
+}
+
+#[test]
+fn top_n_full_spends_no_more_positions_than_refrag() {
+    let f = Fixture::new();
+    let o = f.eval(
+        "idx",
+        "budget.json",
+        &[
+            "--p",
+            "0.25",
+            "--limit",
+            "4",
+            "--modes",
+            "random,topn-full,full",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = f.report("budget.json");
+    for q in r["questions"].as_array().unwrap() {
+        let (topn, refrag, full) = (
+            result(q, "topn-full"),
+            result(q, "random"),
+            result(q, "full"),
+        );
+        let (t, rf, fl) = (
+            topn["positions"].as_u64().unwrap(),
+            refrag["positions"].as_u64().unwrap(),
+            full["positions"].as_u64().unwrap(),
+        );
+        // Plain passages cut at REFRAG's budget (every chunk counted at k): never more than
+        // REFRAG's positions plus the short last chunks, and fewer than full context.
+        assert!(t < fl, "{q}");
+        assert!(t <= rf + 4 * refrag["expanded"].as_u64().unwrap(), "{q}");
+        assert_eq!(topn["expanded"], topn["chunks"]);
+    }
 }
 
 #[test]

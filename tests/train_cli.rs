@@ -220,13 +220,77 @@ fn cpt_recon_then_cpt_next_then_generate_with_the_trained_decoder() {
         "{out}"
     );
     assert_run_files(&f.path("next"), "cpt_next", 3);
-    assert_eq!(parts(&f.path("next")), ["encoder", "projector", "decoder"]);
-    assert!(f.path("next/decoder_config.json").is_file());
+    // The decoder trains through a LoRA adapter by default: megabytes, not the whole model.
+    assert_eq!(
+        parts(&f.path("next")),
+        ["encoder", "projector", "decoder_lora"]
+    );
+    assert_eq!(config(&f.path("next"))["lora"]["rank"], 8);
+    assert!(!f.path("next/decoder_config.json").exists());
+
+    // --lora_rank 0 fine-tunes every decoder weight instead.
+    let out = ok_json(&f.cpt(
+        "cpt_next",
+        "next_full",
+        &[
+            "--load_dir",
+            &recon,
+            "--s",
+            "16",
+            "--o",
+            "8",
+            "--lora_rank",
+            "0",
+        ],
+    ));
+    assert!(
+        out["eval"]["end"]["next_full_p1"]["ppl"].is_number(),
+        "{out}"
+    );
+    assert_eq!(
+        parts(&f.path("next_full")),
+        ["encoder", "projector", "decoder"]
+    );
+    assert!(f.path("next_full/decoder_config.json").is_file());
 
     f.index();
-    let g = f.generate("next");
-    assert_eq!(g["meta"]["projector_trained"], true, "{g}");
-    assert!(g["meta"]["generated_tokens"].as_u64().unwrap() <= 3);
+    for dir in ["next", "next_full"] {
+        let g = f.generate(dir);
+        assert_eq!(g["meta"]["projector_trained"], true, "{g}");
+        assert!(g["meta"]["generated_tokens"].as_u64().unwrap() <= 3);
+    }
+}
+
+#[test]
+fn cpt_trains_on_plain_text_and_evaluates_on_a_held_out_file() {
+    let f = Fixture::new();
+    let text: Vec<String> = (0..10)
+        .map(|i| {
+            format!(
+                "{} {}",
+                train_fixture::passage(i),
+                train_fixture::passage(i + 20)
+            )
+        })
+        .collect();
+    std::fs::write(f.path("train.txt"), text.join("\n\n") + "\n").unwrap();
+    let held: Vec<String> = (40..44).map(train_fixture::passage).collect();
+    std::fs::write(f.path("held.txt"), held.join("\n") + "\n").unwrap();
+    let (t, h) = (f.s("train.txt"), f.s("held.txt"));
+    let args = ["--train_json", &t, "--eval_json", &h, "--eval_items", "3"];
+    let out = ok_json(&f.cpt("cpt_recon", "recon", &args));
+    let tokens = out["eval"]["end"]["recon_1_chunks"]["tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(tokens > 0, "{out}");
+    let recon = f.s("recon");
+    let mut next = args.to_vec();
+    next.extend(["--load_dir", &recon]);
+    let out = ok_json(&f.cpt("cpt_next", "next", &next));
+    assert!(
+        out["eval"]["end"]["next_compressed_p0"]["ppl"].is_number(),
+        "{out}"
+    );
 }
 
 #[test]
@@ -247,7 +311,10 @@ fn sft_then_train_policy_then_generate_selects_with_the_policy() {
         "{out}"
     );
     assert_run_files(&f.path("sft"), "sft", 2);
-    assert_eq!(parts(&f.path("sft")), ["encoder", "projector", "decoder"]);
+    assert_eq!(
+        parts(&f.path("sft")),
+        ["encoder", "projector", "decoder_lora"]
+    );
 
     let sft = f.s("sft");
     let pol = [
@@ -274,7 +341,7 @@ fn sft_then_train_policy_then_generate_selects_with_the_policy() {
     assert_run_files(&f.path("pol"), "train_policy", 2);
     assert_eq!(
         parts(&f.path("pol")),
-        ["projector", "policy", "encoder", "decoder"]
+        ["projector", "policy", "encoder", "decoder_lora"]
     );
     assert_eq!(config(&f.path("pol"))["policy_hidden"], 8);
 

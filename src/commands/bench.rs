@@ -89,7 +89,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         ..a.clone()
     };
     let corpus = jsonio::read_corpus(&a.corpus)?;
-    let load_dir = a.load_dir.as_deref();
+    let load_dir = crate::weights::resolve_load_dir(
+        a.load_dir.as_deref(),
+        a.no_weights,
+        a.models.enc.as_deref(),
+        a.models.dec.as_deref(),
+    )?;
+    let load_dir = load_dir.as_deref();
     let dev = device::select(a.runtime.device)?;
     let dec = decoder_arg(a.models.dec.as_deref(), load_dir)?;
     let refrag = Refrag::load_with(

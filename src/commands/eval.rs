@@ -113,6 +113,8 @@ fn resolve_modes(asked: &[EvalMode], have_policy: bool) -> Result<Vec<EvalMode>>
         let all = [
             EvalMode::NoContext,
             EvalMode::Full,
+            EvalMode::Compressed,
+            EvalMode::TopnFull,
             EvalMode::Heuristic,
             EvalMode::Random,
             EvalMode::Policy,
@@ -130,7 +132,11 @@ fn resolve_modes(asked: &[EvalMode], have_policy: bool) -> Result<Vec<EvalMode>>
 
 pub fn run(a: &EvalArgs) -> Result<()> {
     validate(a)?;
-    let mut qas: Vec<QaPair> = jsonio::read_jsonl(&a.rag_json)?;
+    let a = &EvalArgs {
+        compress: crate::commands::generate::with_weights(&a.compress, &a.models)?,
+        ..a.clone()
+    };
+    let mut qas: Vec<QaPair> = crate::corpus::read_qa(&a.rag_json)?;
     qas.truncate(a.limit.unwrap_or(usize::MAX));
     let load_dir = a.compress.load_dir.as_deref();
     let trained = load_dir.map(RefragConfig::read).transpose()?;
@@ -213,6 +219,13 @@ impl Evaluator<'_> {
         for &mode in self.modes {
             let (g, expanded, chunks) = match mode {
                 EvalMode::NoContext => (self.no_context(&qa.question)?, 0, 0),
+                EvalMode::TopnFull => {
+                    let times = StageTimes {
+                        retrieval,
+                        ..StageTimes::default()
+                    };
+                    self.top_n_full(&qa.question, &passages, &prep, times)?
+                }
                 _ => {
                     let times = StageTimes {
                         retrieval,
@@ -247,6 +260,8 @@ impl Evaluator<'_> {
         let p = self.args.compress.p;
         let (select, p) = match mode {
             EvalMode::Full => (SelectMode::All, 1.0),
+            EvalMode::Compressed => (SelectMode::None, 0.0),
+            EvalMode::TopnFull => unreachable!("top-n full is answered by top_n_full"),
             EvalMode::Heuristic => (SelectMode::Heuristic, p),
             EvalMode::Random => (SelectMode::Random, p),
             EvalMode::Policy => (SelectMode::Policy, p),
@@ -257,6 +272,34 @@ impl Evaluator<'_> {
             .select_and_embed(prep, select, p, seed, self.cache, &mut times)?;
         let g = self.generate(prep, &mask, embeds.as_ref(), times)?;
         Ok((g, mask.iter().filter(|&&m| m).count(), mask.len()))
+    }
+
+    /// The equal-budget baseline: the passages as plain tokens, in rank order, capped at the
+    /// context positions REFRAG at `--p` uses on this question ([`refrag_budget`]).
+    fn top_n_full(
+        &self,
+        question: &str,
+        passages: &[Passage],
+        prep: &Prepared,
+        mut times: StageTimes,
+    ) -> Result<(Generated, usize, usize)> {
+        let c = &self.args.compress;
+        let budget = refrag_budget(&prep.layout, c.k, c.p);
+        let t = Instant::now();
+        let cut = self
+            .refrag
+            .prepare(question, passages, self.cache, c.k, budget.max(1))?;
+        times.tokenize = t.elapsed().as_secs_f64();
+        let n = cut.layout.chunks.len();
+        let mask = vec![true; n];
+        // A budget below one chunk leaves no passage: the template alone.
+        let (cut, mask) = if budget == 0 {
+            (self.refrag.prepare(question, &[], None, 1, 1)?, Vec::new())
+        } else {
+            (cut, mask)
+        };
+        let g = self.generate(&cut, &mask, None, times)?;
+        Ok((g, mask.len(), mask.len()))
     }
 
     /// The same template with zero passages.
@@ -282,6 +325,14 @@ impl Evaluator<'_> {
         self.refrag
             .generate(prep, mask, embeds, self.args.max_new, &mut sampler, times)
     }
+}
+
+/// Context positions REFRAG spends at `p` on `layout`: one per compressed chunk plus `k` per
+/// expanded one (every chunk counted at its full `k`, so the baseline is never short-changed).
+pub fn refrag_budget(layout: &crate::prompt::PromptLayout, k: usize, p: f64) -> usize {
+    let l = layout.chunks.len();
+    let e = crate::select::num_expand(p, l);
+    (l - e) + e * k
 }
 
 fn mode_answer(
@@ -327,7 +378,7 @@ pub fn summarize(mode: EvalMode, p: f64, records: &[QuestionRecord]) -> ModeSumm
     ModeSummary {
         mode,
         p: match mode {
-            EvalMode::NoContext => 0.0,
+            EvalMode::NoContext | EvalMode::Compressed => 0.0,
             EvalMode::Full => 1.0,
             _ => p,
         },
@@ -423,7 +474,8 @@ mod tests {
     #[test]
     fn default_modes_add_policy_only_when_trained() {
         let m = resolve_modes(&[], false).unwrap();
-        assert_eq!(m.len(), 4);
+        assert_eq!(m.len(), 6);
+        assert!(m.contains(&EvalMode::Compressed) && m.contains(&EvalMode::TopnFull));
         assert!(!m.contains(&EvalMode::Policy));
         assert!(resolve_modes(&[], true)
             .unwrap()

@@ -31,13 +31,32 @@ pub fn validate_compress(c: &CompressArgs) -> Result<()> {
     Ok(())
 }
 
+/// `c` with `--load_dir` resolved: as given, else the shipped weights when they were trained
+/// for these models (unless `--no_weights`).
+pub fn with_weights(c: &CompressArgs, models: &EncDecArgs) -> Result<CompressArgs> {
+    let load_dir = crate::weights::resolve_load_dir(
+        c.load_dir.as_deref(),
+        c.no_weights,
+        models.enc.as_deref(),
+        models.dec.as_deref(),
+    )?;
+    Ok(CompressArgs {
+        load_dir,
+        ..c.clone()
+    })
+}
+
 /// The decoder argument: `--dec`, else the one recorded in `--load_dir`, else the default.
 pub fn decoder_arg(dec: Option<&str>, load_dir: Option<&std::path::Path>) -> Result<String> {
     if let Some(d) = dec {
         return Ok(d.to_string());
     }
     if let Some(dir) = load_dir {
-        return Ok(crate::checkpoint::RefragConfig::read(dir)?.decoder_model);
+        let recorded = crate::checkpoint::RefragConfig::read(dir)?.decoder_model;
+        return Ok(crate::weights::recorded_or_default(
+            &recorded,
+            Role::Decoder,
+        ));
     }
     Ok(hub::model_arg(None, Role::Decoder))
 }
@@ -104,7 +123,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     if a.retrieve.topk == 0 {
         bail!("--topk must be at least 1");
     }
-    let c = &a.compress;
+    let c = &with_weights(&a.compress, &a.models)?;
     let (dev, retriever, dec, refrag, cache) =
         open_pipeline(&a.retrieve, &a.embed, &a.models, c, &a.runtime)?;
     let mode = select::resolve_mode(c.select, c.heuristic, refrag.policy.is_some());

@@ -46,11 +46,17 @@ pub fn run(args: &IndexArgs) -> Result<()> {
             args.runtime.quiet,
             "chunk cache {bar:40} {pos}/{len} passages ({per_sec}, eta {eta})",
         );
+        let load_dir = crate::weights::resolve_load_dir(
+            args.load_dir.as_deref(),
+            args.no_weights,
+            args.enc.as_deref(),
+            args.dec.as_deref(),
+        )?;
         let cache = chunk_cache::build_for_index(
             &passages,
             args.enc.as_deref(),
             args.dec.as_deref(),
-            args.load_dir.as_deref(),
+            load_dir.as_deref(),
             k,
             &device,
             |n| bar.inc(n as u64),

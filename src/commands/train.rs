@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::checkpoint::{self, RefragConfig};
 use crate::cli::{CptArgs, RuntimeArgs, SftArgs, TrainArgs, TrainPolicyArgs};
+use crate::decoder::lora::LoraConfig;
 use crate::embed::Pooling;
 use crate::encoder::{embedding_std, parse_pooling, DEFAULT_POOLING};
 use crate::hub::{self, Role};
@@ -22,7 +23,7 @@ use crate::policy::PolicyConfig;
 use crate::train::cpt::{CptData, CptMode, CptSettings, CptTask};
 use crate::train::encoder::{ProjectorInit, TrainEncoder};
 use crate::train::optim::AdamWConfig;
-use crate::train::parts::{self, TrainDecoder, TrainState};
+use crate::train::parts::{self, DecoderTraining, TrainDecoder, TrainState};
 use crate::train::policy::{init_policy_vars, policy_over, PolicyTask};
 use crate::train::qa::{QaData, QaLayoutArgs};
 use crate::train::run::{self, LoopConfig, Outcome, Task};
@@ -253,11 +254,18 @@ impl Sources {
     /// The decoder, then the encoder + projector sized and scaled for it.
     fn load_models(
         &self,
-        dec_trainable: bool,
+        training: &DecoderTraining,
         seed: u64,
         dev: &Device,
     ) -> Result<(TrainDecoder, TrainEncoder)> {
-        let dec = parts::load_decoder(&self.dec, self.part("decoder"), dec_trainable, dev)?;
+        let lora = match (
+            self.part("decoder_lora"),
+            self.cfg.as_ref().and_then(|c| c.lora.as_ref()),
+        ) {
+            (Some(d), Some(c)) => Some((d, c)),
+            _ => None,
+        };
+        let dec = parts::load_decoder(&self.dec, self.part("decoder"), lora, training, dev)?;
         let enc_file = self
             .part("encoder")
             .map(|d| checkpoint::part_path(d, "encoder"));
@@ -280,6 +288,21 @@ impl Sources {
             dev,
         )?;
         Ok((dec, enc))
+    }
+}
+
+/// LoRA rank of the decoder where it trains, unless `--lora_rank` says otherwise.
+pub const DEFAULT_LORA_RANK: usize = 8;
+
+/// How the decoder trains: frozen (`--freeze_dec`, or `frozen_default` and no `--lora_rank`),
+/// fully (`--lora_rank 0`), or through a low-rank adapter of `rank` on every projection.
+fn decoder_training(freeze: bool, rank: usize, frozen_default: bool, seed: u64) -> DecoderTraining {
+    if freeze || frozen_default {
+        DecoderTraining::Frozen
+    } else if rank == 0 {
+        DecoderTraining::Full
+    } else {
+        DecoderTraining::Lora(LoraConfig::all(rank, seed))
     }
 }
 
@@ -318,9 +341,25 @@ pub fn run_cpt(a: &CptArgs, mode: CptMode) -> Result<()> {
     )?;
     src.warn_k(a.k);
     let dev = device::select(a.runtime.device)?;
-    let dec_trainable = mode == CptMode::Next && !a.freeze_dec;
-    let (dec, enc) = src.load_models(dec_trainable, a.runtime.seed, &dev)?;
-    let data = CptData::load(&a.train_json, &dec.tok, a.train.eval_items, a.s, a.o)?;
+    let training = decoder_training(
+        a.freeze_dec,
+        a.lora_rank.unwrap_or(if mode == CptMode::Recon {
+            0
+        } else {
+            DEFAULT_LORA_RANK
+        }),
+        mode == CptMode::Recon && a.lora_rank.is_none(),
+        a.runtime.seed,
+    );
+    let (dec, mut enc) = src.load_models(&training, a.runtime.seed, &dev)?;
+    enc.frozen = a.freeze_enc;
+    let data = match &a.eval_json {
+        Some(e) => {
+            CptData::load_with_eval(&a.train_json, e, &dec.tok, a.train.eval_items, a.s, a.o)
+                .map_err(|err| anyhow::anyhow!("--eval_json {}: {err:#}", e.display()))?
+        }
+        None => CptData::load(&a.train_json, &dec.tok, a.train.eval_items, a.s, a.o)?,
+    };
     let lr = a
         .train
         .lr
@@ -353,6 +392,9 @@ fn validate_qa(topk: usize, k: usize, ctx_max: usize) -> Result<()> {
 pub fn run_sft(a: &SftArgs) -> Result<()> {
     validate_train(&a.train)?;
     validate_qa(a.retrieve.topk, a.k, a.ctx_max)?;
+    if !(0.0..=1.0).contains(&a.expand_max) {
+        bail!("--expand_max must be in [0, 1], got {}", a.expand_max);
+    }
     let (out_dir, resume) = out_dir_and_resume(&a.train, "sft")?;
     let start = if resume.is_some() {
         Some(out_dir.as_path())
@@ -369,7 +411,13 @@ pub fn run_sft(a: &SftArgs) -> Result<()> {
     let dev = device::select(a.runtime.device)?;
     let data = QaData::load(&a.rag_json, a.train.eval_items)?;
     let retriever = Retriever::open(&a.retrieve.index_dir, a.embed.embed_model.as_deref(), &dev)?;
-    let (dec, enc) = src.load_models(!a.freeze_dec, a.runtime.seed, &dev)?;
+    let training = decoder_training(
+        a.freeze_dec,
+        a.lora_rank.unwrap_or(DEFAULT_LORA_RANK),
+        false,
+        a.runtime.seed,
+    );
+    let (dec, enc) = src.load_models(&training, a.runtime.seed, &dev)?;
     let lr = a.train.lr.unwrap_or(2e-5);
     let layout = QaLayoutArgs {
         topk: a.retrieve.topk,
@@ -387,6 +435,7 @@ pub fn run_sft(a: &SftArgs) -> Result<()> {
         dec_name: src.dec.clone(),
         dec_lr_scale: a.dec_lr.map_or(1.0, |d| d / lr),
         eval_batch: a.train.micro_batch,
+        expand_max: a.expand_max,
     };
     let cfg = loop_config(&a.train, &a.runtime, lr, out_dir, resume);
     finish(&mut task, &cfg)

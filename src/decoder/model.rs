@@ -24,6 +24,9 @@ pub enum Logits {
     All,
     /// Only the last position: `(b, vocab)` (generation).
     Last,
+    /// The last `n` positions: `(b, n, vocab)` (training: only the targets' positions go
+    /// through the LM head, and no vocabulary-wide tensor is cut afterwards).
+    Tail(usize),
 }
 
 /// RMS norm with its weight kept at hand so either path can use it.
@@ -43,7 +46,9 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
-        if grad {
+        if grad && crate::fused::usable(x) {
+            crate::fused::rms_norm(x, &self.weight, self.eps)
+        } else if grad {
             candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)
         } else {
             candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
@@ -108,6 +113,8 @@ impl Attention {
     fn rope(&self, x: &Tensor, s: &Step) -> Result<Tensor> {
         if self.interleaved {
             candle_nn::rotary_emb::rope_i(x, s.cos, s.sin)
+        } else if s.grad && crate::fused::usable(x) {
+            crate::fused::rope(x, s.cos, s.sin)
         } else if s.grad {
             candle_nn::rotary_emb::rope_slow(x, s.cos, s.sin)
         } else {
@@ -140,6 +147,15 @@ impl Attention {
                 att = att.broadcast_add(mask)?;
             }
             let y = candle_nn::ops::softmax_last_dim(&att)?.matmul(&v)?;
+            let y = y
+                .transpose(1, 2)?
+                .reshape((b, t, self.n_head * self.head_dim))?;
+            return self.o_proj.forward(&y);
+        }
+        if s.grad && crate::fused::usable(&k) && k.dim(2)? == t {
+            // Training: the whole sequence at once, forward and backward fused.
+            let scale = 1.0 / (self.head_dim as f32).sqrt();
+            let y = crate::fused::causal_attention(&q, &k, &v, scale)?; // (b, h, t, hd)
             let y = y
                 .transpose(1, 2)?
                 .reshape((b, t, self.n_head * self.head_dim))?;
@@ -260,8 +276,14 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+        let g = self.gate_proj.forward(x)?;
+        let u = self.up_proj.forward(x)?;
+        let h = if (g.track_op() || u.track_op()) && crate::fused::usable(&g) {
+            crate::fused::swiglu(&g, &u)?
+        } else {
+            (candle_nn::ops::silu(&g)? * u)?
+        };
+        self.down_proj.forward(&h)
     }
 }
 
@@ -400,6 +422,67 @@ impl Decoder {
         Ok(())
     }
 
+    /// Put low-rank adapters on the projections `cfg.targets` of every layer, their weights
+    /// taken from (or, when absent, created in) `vars` under `model.layers.N.<module>.<proj>.
+    /// lora_{a,b}`: `A` seeded small random, `B` zero, so a fresh adapter changes nothing.
+    /// With `train` they stay a differentiable side path and the decoder takes the gradient
+    /// path; without, they are merged into dense weights (inference costs nothing extra) or
+    /// run beside quantized ones.
+    pub fn add_lora(
+        &mut self,
+        cfg: &super::lora::LoraConfig,
+        vars: &candle_nn::VarMap,
+        train: bool,
+    ) -> anyhow::Result<()> {
+        cfg.check()?;
+        let scale = cfg.scale();
+        let dev = self.device.clone();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            for target in &cfg.targets {
+                let (module, slot) = match target.as_str() {
+                    "q_proj" => ("self_attn", &mut l.self_attn.q_proj),
+                    "k_proj" => ("self_attn", &mut l.self_attn.k_proj),
+                    "v_proj" => ("self_attn", &mut l.self_attn.v_proj),
+                    "o_proj" => ("self_attn", &mut l.self_attn.o_proj),
+                    "gate_proj" => ("mlp", &mut l.mlp.gate_proj),
+                    "up_proj" => ("mlp", &mut l.mlp.up_proj),
+                    "down_proj" => ("mlp", &mut l.mlp.down_proj),
+                    other => anyhow::bail!("LoRA target '{other}' is not a decoder projection"),
+                };
+                let (out, inp) = slot.dense_dims()?;
+                let name = format!("model.layers.{i}.{module}.{target}");
+                let bound = (3.0 / inp as f64).sqrt();
+                let a = super::lora::lora_var(
+                    vars,
+                    &format!("{name}.lora_a"),
+                    (cfg.rank, inp),
+                    Some(bound),
+                    cfg.seed,
+                    &dev,
+                )?;
+                let b = super::lora::lora_var(
+                    vars,
+                    &format!("{name}.lora_b"),
+                    (out, cfg.rank),
+                    None,
+                    cfg.seed,
+                    &dev,
+                )?;
+                let (a, b) = if train {
+                    (a, b)
+                } else {
+                    (a.detach(), b.detach())
+                };
+                let base = std::mem::replace(slot, Proj::Dense(Linear::new(a.clone(), None)));
+                *slot = base.with_lora(a, b, scale, train)?;
+            }
+        }
+        if train {
+            self.trainable = true;
+        }
+        Ok(())
+    }
+
     pub fn config(&self) -> &DecoderConfig {
         &self.cfg
     }
@@ -477,6 +560,7 @@ impl Decoder {
         let h = match logits {
             Logits::All => h,
             Logits::Last => h.i((.., t - 1, ..))?.contiguous()?, // (b, d)
+            Logits::Tail(n) => h.narrow(1, t - n.min(t), n.min(t))?.contiguous()?, // (b, n, d)
         };
         let h = self.norm.forward(&h, step.grad)?;
         self.lm_head
@@ -518,6 +602,15 @@ enum Proj {
         mm: candle_core::quantized::QMatMul,
         bias: Option<Tensor>,
     },
+    /// A frozen projection plus a low-rank adapter: `base(x) + scale (x A^T) B^T`.
+    Lora {
+        base: Box<Proj>,
+        /// `(r, in)`.
+        a: Tensor,
+        /// `(out, r)`.
+        b: Tensor,
+        scale: f64,
+    },
 }
 
 impl Proj {
@@ -531,6 +624,11 @@ impl Proj {
                     None => Ok(y),
                 }
             }
+            Proj::Lora { base, a, b, scale } => {
+                let low = crate::blas::matmul_t(x, a)?;
+                let side = (crate::blas::matmul_t(&low, b)? * *scale)?;
+                base.forward(x)? + side
+            }
         }
     }
 
@@ -542,6 +640,37 @@ impl Proj {
         match self {
             Proj::Dense(l) => l.bias().cloned(),
             Proj::Quant { bias, .. } => bias.clone(),
+            Proj::Lora { base, .. } => base.bias(),
+        }
+    }
+
+    /// `(out, in)` of a dense projection.
+    fn dense_dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Proj::Dense(l) => l.weight().dims2(),
+            Proj::Quant { mm, .. } => match mm {
+                candle_core::quantized::QMatMul::QTensor(q) => q.shape().dims2(),
+                candle_core::quantized::QMatMul::Tensor(t)
+                | candle_core::quantized::QMatMul::TensorF16(t) => t.dims2(),
+            },
+            Proj::Lora { base, .. } => base.dense_dims(),
+        }
+    }
+
+    /// Put the adapter `(a, b, scale)` on this projection: merged into dense weights
+    /// (`W + scale B A`, inference), or as a side path (`train`, or quantized weights).
+    fn with_lora(self, a: Tensor, b: Tensor, scale: f64, train: bool) -> Result<Proj> {
+        match self {
+            Proj::Dense(l) if !train => {
+                let w = (l.weight() + (b.matmul(&a)? * scale)?.to_dtype(l.weight().dtype())?)?;
+                Ok(Proj::Dense(Linear::new(w, l.bias().cloned())))
+            }
+            base => Ok(Proj::Lora {
+                base: Box::new(base),
+                a,
+                b,
+                scale,
+            }),
         }
     }
 

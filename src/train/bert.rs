@@ -89,6 +89,7 @@ impl Layer {
             .forward(&(blas::linear(&self.attn_out, &ctx)? + x)?)?;
         let f = blas::linear(&self.inter, &x)?;
         let f = match self.act {
+            HiddenAct::Gelu if crate::fused::usable(&f) => crate::fused::gelu_erf(&f)?,
             HiddenAct::Gelu => f.gelu_erf()?,
             HiddenAct::GeluApproximate => f.gelu()?,
             HiddenAct::Relu => f.relu()?,
@@ -129,7 +130,11 @@ impl TrainBert {
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (_b, s) = ids.dims2()?;
         let pos = Tensor::arange(0u32, s as u32, ids.device())?;
-        let x = (self.words.forward(ids)? + self.types.forward(type_ids)?)?
+        // The token-embedding table never trains (see `train::parts::FROZEN_ENCODER_SUFFIX`):
+        // looked up detached, so the backward pass does not scatter into a 30K-row gradient.
+        let table = self.words.embeddings();
+        let words = Embedding::new(table.detach(), table.dim(1)?).forward(ids)?;
+        let x = (words + self.types.forward(type_ids)?)?
             .broadcast_add(&self.positions.forward(&pos)?)?;
         let mut x = self.norm.forward(&x)?;
         // Additive mask: 0 for tokens, f32::MIN for padding, as `BertModel` does.

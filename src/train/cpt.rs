@@ -43,8 +43,10 @@ pub struct CptData {
 }
 
 impl CptData {
-    /// Read `path` (`cpt_train.jsonl`), tokenize, clip splits to what each text holds (and to
-    /// `s_cap` / `o_cap`), and hold out the last `eval_items` items.
+    /// Read `path`, tokenize, clip splits to what each text holds (and to `s_cap` / `o_cap`),
+    /// and hold out the last `eval_items` items. A `.jsonl` / `.json` file is the seed's
+    /// `cpt_train.jsonl` (`tokens` + `split`); anything else is plain text, one paragraph per
+    /// line (blank lines skipped), split into context and continuation by [`text_split`].
     pub fn load(
         path: &Path,
         dtok: &DecoderTokenizer,
@@ -52,9 +54,29 @@ impl CptData {
         s_cap: Option<usize>,
         o_cap: Option<usize>,
     ) -> Result<Self> {
-        let items: Vec<CptItem> = crate::jsonio::read_jsonl(path)?;
+        let items = read_items(path, dtok, s_cap, o_cap)?;
         Self::from_items(&items, dtok, eval_items, s_cap, o_cap)
             .map_err(|e| anyhow::anyhow!("--train_json {}: {e:#}", path.display()))
+    }
+
+    /// Train on every item of `train`, hold out the first `eval_items` items of `eval` (a file
+    /// of the same kinds, such as whole articles no training step sees).
+    pub fn load_with_eval(
+        train: &Path,
+        eval: &Path,
+        dtok: &DecoderTokenizer,
+        eval_items: usize,
+        s_cap: Option<usize>,
+        o_cap: Option<usize>,
+    ) -> Result<Self> {
+        let mut items = read_items(train, dtok, s_cap, o_cap)?;
+        let n_train = items.len();
+        let held = read_items(eval, dtok, s_cap, o_cap)?;
+        let n_eval = eval_items.min(held.len());
+        items.extend(held.into_iter().take(n_eval));
+        let mut d = Self::from_items(&items, dtok, n_eval, s_cap, o_cap)?;
+        d.train.truncate(n_train);
+        Ok(d)
     }
 
     pub fn from_items(
@@ -87,6 +109,76 @@ impl CptData {
         d.eval = (n - eval_items..n).collect();
         Ok(d)
     }
+}
+
+/// Whether a training file is JSONL (by its extension) rather than plain text.
+pub fn is_jsonl(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("jsonl" | "json")
+    )
+}
+
+/// Default context tokens of a plain-text paragraph (cpt_next), when `--s` is not given.
+pub const TEXT_S: usize = 128;
+/// Default continuation tokens of a plain-text paragraph, when `--o` is not given.
+pub const TEXT_O: usize = 64;
+
+/// Paragraphs shorter than this many decoder tokens are skipped (headings, stray lines).
+pub const MIN_TEXT_TOKENS: usize = 8;
+
+/// The context / continuation split of a paragraph of `n` decoder tokens: the first
+/// `min(s_cap, n / 2)` tokens are context, then up to `o_cap` continuation tokens, so a short
+/// paragraph still has both halves.
+pub fn text_split(n: usize, s_cap: Option<usize>, o_cap: Option<usize>) -> (usize, usize) {
+    let s = s_cap.unwrap_or(TEXT_S).min(n / 2);
+    let o = o_cap.unwrap_or(TEXT_O).min(n - s);
+    (s, o)
+}
+
+/// The CPT items of a JSONL or plain-text file.
+fn read_items(
+    path: &Path,
+    dtok: &DecoderTokenizer,
+    s_cap: Option<usize>,
+    o_cap: Option<usize>,
+) -> Result<Vec<CptItem>> {
+    if is_jsonl(path) {
+        crate::jsonio::read_jsonl(path)
+    } else {
+        text_items(path, dtok, s_cap, o_cap)
+    }
+}
+
+/// Plain text, one paragraph per line, as CPT items (`text-<line>`), with [`text_split`].
+fn text_items(
+    path: &Path,
+    dtok: &DecoderTokenizer,
+    s_cap: Option<usize>,
+    o_cap: Option<usize>,
+) -> Result<Vec<CptItem>> {
+    let text = crate::jsonio::read_utf8(path)?;
+    let mut items = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let n = dtok.encode(line, false)?.len();
+        if n < MIN_TEXT_TOKENS {
+            continue;
+        }
+        let (s, o) = text_split(n, s_cap, o_cap);
+        items.push(CptItem {
+            id: format!("text-{}", i + 1),
+            tokens: line.to_string(),
+            split: crate::corpus::Split { s, o },
+        });
+    }
+    if items.is_empty() {
+        bail!("--train_json {}: no paragraphs", path.display());
+    }
+    Ok(items)
 }
 
 /// CPT-A or CPT-B.
@@ -149,14 +241,14 @@ impl CptTask {
             CptMode::Recon => {
                 let len = (chunks * k).min(t.len());
                 let off = rng.random_range(0..=t.len() - len);
-                Seq::reconstruction(&t[off..off + len], k)
+                Seq::reconstruction(&t[off..off + len], k, self.dec.tok.bos_id())
             }
             CptMode::Next => {
                 let (s, o) = (self.data.s[i], self.data.o[i]);
                 let l = s.div_ceil(k);
                 let n = num_expand(self.settings.expand_frac, l);
                 let mask = random_n(l, n, rng.random());
-                Seq::next_paragraph(&t[..s], &t[s..s + o], k, mask)
+                Seq::next_paragraph(&t[..s], &t[s..s + o], k, mask, self.dec.tok.bos_id())
             }
         }
     }
@@ -201,19 +293,27 @@ impl CptTask {
     }
 
     /// Reconstruction of windows of `n * k` tokens of each held-out item from their `n` chunks,
-    /// for `n` = 1 and the curriculum's largest; and, as the baseline the chunk vectors must
+    /// for `n` = 1, 2, 4, 8 (and every other count of the curriculum); and, as the baseline the chunk vectors must
     /// beat, the same teacher-forced targets with no chunk vector (BOS only): a decoder that
     /// merely continues the text it is fed gets that accuracy for free.
     fn eval_recon(&self) -> Result<Value> {
         let k = self.settings.k;
-        let max = self.settings.curriculum.max_chunks();
         let mut out = serde_json::Map::new();
-        let counts: &[usize] = if max == 1 { &[1] } else { &[1, max] };
-        for &n in counts {
+        // The curve over 1, 2, 4, 8 chunks (as far as the curriculum's largest count, at least
+        // 8), plus any other count the curriculum trains.
+        let max = self.settings.curriculum.max_chunks().max(8);
+        let mut counts = self.settings.curriculum.counts();
+        counts.extend((0..).map(|i| 1usize << i).take_while(|&n| n <= max));
+        counts.sort_unstable();
+        counts.dedup();
+        for &n in &counts {
             let spans = self.eval_windows(n * k);
-            let seqs: Vec<Seq> = spans.iter().map(|t| Seq::reconstruction(t, k)).collect();
-            out.insert(format!("recon_{n}_chunks"), self.score(&seqs)?);
             let bos = self.dec.tok.bos_id();
+            let seqs: Vec<Seq> = spans
+                .iter()
+                .map(|t| Seq::reconstruction(t, k, bos))
+                .collect();
+            out.insert(format!("recon_{n}_chunks"), self.score(&seqs)?);
             let plain: Vec<Seq> = spans.iter().map(|t| Seq::no_context(bos, t)).collect();
             out.insert(format!("no_chunks_{n}"), self.score(&plain)?);
         }
@@ -228,7 +328,8 @@ impl CptTask {
                 .iter()
                 .map(|&i| {
                     let (t, s, o) = (&self.data.tokens[i], self.data.s[i], self.data.o[i]);
-                    Seq::next_paragraph(&t[..s], &t[s..s + o], k, mask(i, s.div_ceil(k)))
+                    let m = mask(i, s.div_ceil(k));
+                    Seq::next_paragraph(&t[..s], &t[s..s + o], k, m, self.dec.tok.bos_id())
                 })
                 .collect()
         };

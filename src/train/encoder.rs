@@ -40,6 +40,9 @@ pub struct TrainEncoder {
     pub pooling: Pooling,
     /// The encoder model argument (HF folder or hub id) the weights started from.
     pub model_name: String,
+    /// Keep the encoder as it is and train only the projector (`--freeze_enc`): the pooled
+    /// states are detached, so no gradient flows back through BERT.
+    pub frozen: bool,
     device: Device,
 }
 
@@ -67,7 +70,10 @@ impl TrainEncoder {
         let cfg = embed::read_config(config)?;
         let tok = embed::load_tokenizer(tokenizer, embed::max_seq_len(&files, &cfg)?)?;
         let weights = match trained {
-            Some(p) => BertWeights::Trained(p),
+            Some(p) => BertWeights::Trained {
+                base: weights,
+                file: p,
+            },
             None => BertWeights::Base(weights),
         };
         let (bert, bert_vars) = load_bert(enc, &cfg, weights, device)?;
@@ -87,6 +93,7 @@ impl TrainEncoder {
             pad_id: cfg.pad_token_id as u32,
             pooling,
             model_name: enc.to_string(),
+            frozen: false,
             device: device.clone(),
         })
     }
@@ -109,6 +116,7 @@ impl TrainEncoder {
     /// Projected chunk embeddings `e_i` `(n, d)` of chunk texts, differentiable.
     pub fn embed(&self, texts: &[&str]) -> Result<Tensor> {
         let c = self.encode(texts)?;
+        let c = if self.frozen { c.detach() } else { c };
         Ok(self.projector.forward(&c)?)
     }
 }
@@ -117,8 +125,9 @@ impl TrainEncoder {
 enum BertWeights<'a> {
     /// The model's own files (extra tensors such as a pooler are allowed).
     Base(&'a [PathBuf]),
-    /// A saved `encoder.safetensors` (exactly the model's tensors).
-    Trained(&'a Path),
+    /// A saved `encoder.safetensors` over the model's own files: every tensor it holds must be
+    /// one of the model's, and the ones it leaves out (frozen in training) come from the base.
+    Trained { base: &'a [PathBuf], file: &'a Path },
 }
 
 /// A trainable BERT over its variables, named as in its file.
@@ -128,25 +137,52 @@ fn load_bert(
     weights: BertWeights,
     device: &Device,
 ) -> Result<(TrainBert, VarMap)> {
-    let (tensors, source, strict) = match weights {
-        BertWeights::Trained(p) => (read_tensors(p, device)?, p.display().to_string(), true),
-        BertWeights::Base(files) => {
-            let mut all = HashMap::new();
-            for w in files {
-                all.extend(read_tensors(w, device)?);
-            }
-            (all, format!("encoder '{enc}'"), false)
+    let read_all = |files: &[PathBuf]| -> Result<HashMap<String, Tensor>> {
+        let mut all = HashMap::new();
+        for w in files {
+            all.extend(read_tensors(w, device)?);
         }
+        Ok(all)
+    };
+    let mut trained_names = Vec::new();
+    let (tensors, source) = match weights {
+        BertWeights::Trained { base, file } => {
+            let mut all = read_all(base)?;
+            let source = file.display().to_string();
+            let trained = read_tensors(file, device)?;
+            trained_names = trained.keys().cloned().collect();
+            let base_prefix = bert_prefix(&all).unwrap_or_default();
+            for (name, t) in trained {
+                if !all.contains_key(&name) && !all.contains_key(&format!("{base_prefix}{name}")) {
+                    bail!(
+                        "{source}: unexpected tensor '{name}' (checkpoint from another encoder?)"
+                    );
+                }
+                all.insert(name, t);
+            }
+            (all, source)
+        }
+        BertWeights::Base(files) => (read_all(files)?, format!("encoder '{enc}'")),
     };
     let prefix = bert_prefix(&tensors).with_context(|| format!("{source}: not a BERT"))?;
-    build_trainable(tensors, !strict, &source, device, |vb| {
+    let (bert, vars) = build_trainable(tensors, true, &source, device, |vb| {
         let vb = if prefix.is_empty() {
             vb
         } else {
             vb.pp(prefix.trim_end_matches('.'))
         };
         TrainBert::new(cfg, vb)
-    })
+    })?;
+    // Every tensor of a trained file must be one the model uses (a file from a deeper encoder
+    // would otherwise load with its extra layers silently dropped).
+    {
+        let data = vars.data().lock().unwrap();
+        trained_names.sort();
+        if let Some(extra) = trained_names.iter().find(|n| !data.contains_key(*n)) {
+            bail!("{source}: unexpected tensor '{extra}' (checkpoint from another encoder?)");
+        }
+    }
+    Ok((bert, vars))
 }
 
 /// The projector over its variables, fresh or from a file.

@@ -8,6 +8,7 @@
 //! - `bert`, `encoder`: the differentiable chunk encoder + projector;
 //! - `parts`: the decoder (frozen or trainable) and checkpoint writing;
 //! - `seq`: teacher-forced sequences over a `PromptLayout`, the unit of every loss;
+//! - `xent`: the fused cross-entropy of those losses;
 //! - `cpt`, `qa`, `sft`, `policy`: the tasks.
 
 pub mod bert;
@@ -22,3 +23,4 @@ pub mod schedule;
 pub mod seq;
 pub mod sft;
 pub mod vars;
+pub mod xent;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::AdamW;
 use super::vars::{build_trainable, read_tensors};
 use crate::checkpoint::{self, RefragConfig};
+use crate::decoder::lora::LoraConfig;
 use crate::decoder::{self, Decoder, DecoderConfig, DecoderTokenizer};
 use crate::hub;
 
@@ -29,22 +30,42 @@ pub const STATE_FILE: &str = "train_state.json";
 pub struct TrainDecoder {
     pub decoder: Decoder,
     pub tok: DecoderTokenizer,
-    /// Its variables when it trains.
+    /// Its variables when it trains: every weight, or only the low-rank adapter's (`lora`).
     pub vars: Option<VarMap>,
     /// The weights directory of a trained decoder that stays frozen (carried into checkpoints).
     pub frozen_from: Option<PathBuf>,
+    /// The adapter on the decoder (training, or frozen and merged), and where a frozen one came
+    /// from (carried into checkpoints).
+    pub lora: Option<LoraConfig>,
+    pub frozen_lora_from: Option<PathBuf>,
+}
+
+/// How the decoder of a run trains.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DecoderTraining {
+    Frozen,
+    /// Every weight.
+    Full,
+    /// A low-rank adapter (continued from the starting weights' adapter when they have one).
+    Lora(LoraConfig),
 }
 
 /// Load the decoder `dec`: from `trained` (a directory holding `decoder.safetensors`) when
-/// given, else the base model; as trainable variables when `trainable`.
+/// given, else the base model; with the adapter of `lora_from` (a directory holding
+/// `decoder_lora.safetensors`, and its shape) when given; trained as `training` says.
 pub fn load_decoder(
     dec: &str,
     trained: Option<&Path>,
-    trainable: bool,
+    lora_from: Option<(&Path, &LoraConfig)>,
+    training: &DecoderTraining,
     device: &Device,
 ) -> Result<TrainDecoder> {
     let files = hub::resolve(dec)?;
-    let (decoder, tok, vars) = match (trained, trainable) {
+    let full = *training == DecoderTraining::Full;
+    if full && lora_from.is_some() {
+        anyhow::bail!("the starting weights hold a LoRA adapter: train it further (--lora_rank > 0) or freeze the decoder, not a full fine-tune");
+    }
+    let (decoder, tok, vars) = match (trained, full) {
         (None, false) => {
             let (d, t) = Decoder::load(&files, device, DType::F32)?;
             (d, t, None)
@@ -80,16 +101,58 @@ pub fn load_decoder(
             (d, tok, Some(vm))
         }
     };
-    Ok(TrainDecoder {
+    let mut out = TrainDecoder {
         decoder,
         tok,
         vars,
-        frozen_from: if trainable {
+        frozen_from: if full {
             None
         } else {
             trained.map(Path::to_path_buf)
         },
-    })
+        lora: None,
+        frozen_lora_from: None,
+    };
+    let train_lora = match training {
+        DecoderTraining::Lora(c) => Some(c),
+        _ => None,
+    };
+    let adapter = match (lora_from, train_lora) {
+        (Some((dir, cfg)), new) => {
+            if let Some(n) = new {
+                if n.rank != cfg.rank || n.targets != cfg.targets {
+                    eprintln!(
+                        "refrag: note: continuing the rank-{} LoRA adapter of {} (not a new rank-{} one)",
+                        cfg.rank,
+                        dir.display(),
+                        n.rank
+                    );
+                }
+            }
+            let vm = VarMap::new();
+            {
+                let mut data = vm.data().lock().unwrap();
+                for (name, t) in read_tensors(&checkpoint::part_path(dir, "decoder_lora"), device)?
+                {
+                    data.insert(name, candle_core::Var::from_tensor(&t)?);
+                }
+            }
+            Some((cfg.clone(), vm, Some(dir)))
+        }
+        (None, Some(n)) => Some((n.clone(), VarMap::new(), None)),
+        (None, None) => None,
+    };
+    if let Some((cfg, vm, from)) = adapter {
+        let train = train_lora.is_some();
+        out.decoder.add_lora(&cfg, &vm, train)?;
+        if train {
+            out.vars = Some(vm);
+        } else {
+            out.frozen_lora_from = from.map(Path::to_path_buf);
+        }
+        out.lora = Some(cfg);
+    }
+    Ok(out)
 }
 
 /// What `--resume` needs besides the weights.
@@ -203,6 +266,7 @@ pub struct ConfigFields<'a> {
     pub policy_hidden: Option<usize>,
     pub parts: Vec<&'a str>,
     pub step: usize,
+    pub lora: Option<LoraConfig>,
 }
 
 impl ConfigFields<'_> {
@@ -219,9 +283,13 @@ impl ConfigFields<'_> {
             policy_hidden: self.policy_hidden,
             parts: self.parts.iter().map(|s| s.to_string()).collect(),
             step: self.step,
+            lora: self.lora,
         }
     }
 }
+
+/// The encoder tensor that never trains (its token-embedding table).
+pub const FROZEN_ENCODER_SUFFIX: &str = "embeddings.word_embeddings.weight";
 
 /// The optimiser groups of an encoder + projector (+ trainable decoder at `dec_lr_scale`) run.
 pub fn enc_dec_groups(
@@ -231,18 +299,28 @@ pub fn enc_dec_groups(
 ) -> Vec<super::optim::Group> {
     use super::optim::Group;
     use super::vars::named_vars;
-    let mut g = vec![
-        Group {
-            name: "encoder".into(),
-            vars: named_vars(&enc.bert_vars),
-            lr_scale: 1.0,
-        },
-        Group {
-            name: "projector".into(),
-            vars: named_vars(&enc.projector_vars),
-            lr_scale: 1.0,
-        },
-    ];
+    // The encoder's token-embedding table stays as pretrained: it is half of all-MiniLM's
+    // parameters, shared with the retriever's vocabulary, and leaving it out halves the
+    // optimiser state and lets shipped weights omit it.
+    let encoder: Vec<_> = named_vars(&enc.bert_vars)
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with(FROZEN_ENCODER_SUFFIX))
+        .collect();
+    let mut g = vec![Group {
+        name: "projector".into(),
+        vars: named_vars(&enc.projector_vars),
+        lr_scale: 1.0,
+    }];
+    if !enc.frozen {
+        g.insert(
+            0,
+            Group {
+                name: "encoder".into(),
+                vars: encoder,
+                lr_scale: 1.0,
+            },
+        );
+    }
     if let Some(vm) = &dec.vars {
         g.push(Group {
             name: "decoder".into(),
@@ -269,11 +347,24 @@ pub fn enc_dec_checkpoint<'a>(
         ("projector", &enc.projector_vars),
     ];
     let (mut copies, mut decoder_config) = (Vec::new(), None);
-    if let Some(vm) = &dec.vars {
-        vars.push(("decoder", vm));
-        decoder_config = Some(dec.decoder.config().clone());
-        parts.push("decoder");
-    } else if let Some(dir) = &dec.frozen_from {
+    match (&dec.vars, &dec.lora) {
+        (Some(vm), Some(_)) => {
+            vars.push(("decoder_lora", vm));
+            parts.push("decoder_lora");
+        }
+        (Some(vm), None) => {
+            vars.push(("decoder", vm));
+            decoder_config = Some(dec.decoder.config().clone());
+            parts.push("decoder");
+        }
+        (None, _) => {
+            if let Some(dir) = &dec.frozen_lora_from {
+                copies.push(("decoder_lora", dir.clone()));
+                parts.push("decoder_lora");
+            }
+        }
+    }
+    if let Some(dir) = &dec.frozen_from {
         copies.push(("decoder", dir.clone()));
         parts.push("decoder");
     }
@@ -287,6 +378,7 @@ pub fn enc_dec_checkpoint<'a>(
         policy_hidden: None,
         parts,
         step,
+        lora: dec.lora.clone(),
     }
     .build();
     Checkpoint {

@@ -161,7 +161,7 @@ impl PolicyTask {
             self.refrag.encoder.project(&v)?.detach()
         };
         let question = self.refrag.question_vector(q)?;
-        let positions = crate::policy::position_features(&prep.layout, &self.refrag.device)?;
+        let positions = self.refrag.policy_features(&prep)?;
         Ok(Question {
             layout: prep.layout,
             embeds,
@@ -296,7 +296,7 @@ impl Task for PolicyTask {
         let mut copies = Vec::new();
         if let Some(dir) = &self.load_dir {
             let cfg = crate::checkpoint::RefragConfig::read(dir)?;
-            for part in ["encoder", "decoder"] {
+            for part in ["encoder", "decoder", "decoder_lora"] {
                 if cfg.has(part) {
                     copies.push((part, dir.clone()));
                     parts.push(part);
@@ -313,6 +313,12 @@ impl Task for PolicyTask {
             policy_hidden: Some(self.hidden),
             parts,
             step,
+            lora: self
+                .load_dir
+                .as_deref()
+                .map(crate::checkpoint::RefragConfig::read)
+                .transpose()?
+                .and_then(|c| c.lora),
         }
         .build();
         Ok(Checkpoint {

@@ -36,7 +36,7 @@ pub struct QaData {
 impl QaData {
     /// Read `--rag_json` and hold out its last `eval_items` pairs.
     pub fn load(path: &Path, eval_items: usize) -> Result<Self> {
-        let pairs: Vec<QaPair> = crate::jsonio::read_jsonl(path)?;
+        let pairs: Vec<QaPair> = crate::corpus::read_qa(path)?;
         if let Some(p) = pairs.iter().find(|p| p.answers.is_empty()) {
             bail!(
                 "--rag_json {}: pair '{}' has no answer",

@@ -197,20 +197,30 @@ fn one_step(
     let mut acc = opt.zero_grads();
     let mut stats = Stats::default();
     let mut n = 0usize;
+    let (mut fwd, mut bwd) = (0f64, 0f64);
     for mb in items.chunks(cfg.micro_batch.max(1)) {
+        let t = Instant::now();
         let Some(m) = task.micro(mb, &mut rng)? else {
             continue;
         };
+        fwd += t.elapsed().as_secs_f64();
+        let t = Instant::now();
         let grads = m.loss.backward()?;
         opt.accumulate(&mut acc, &grads, 1.0)?;
+        bwd += t.elapsed().as_secs_f64();
         stats.add(&m.stats);
         n += 1;
     }
     if n == 0 {
         return Ok((stats, 0.0));
     }
+    let t = Instant::now();
     acc.scale(1.0 / n as f64)?;
     let norm = opt.step(&acc, lr, cfg.clip)?;
+    // Where a step's time goes (forward / backward / optimiser), logged as means.
+    stats.note("forward_sec", fwd);
+    stats.note("backward_sec", bwd);
+    stats.note("optimizer_sec", t.elapsed().as_secs_f64());
     Ok((stats, norm))
 }
 

@@ -135,6 +135,14 @@ impl Curriculum {
         self.stages.iter().flatten().map(|m| m.0).max().unwrap_or(1)
     }
 
+    /// Every chunk count the curriculum uses, ascending.
+    pub fn counts(&self) -> Vec<usize> {
+        let mut c: Vec<usize> = self.stages.iter().flatten().map(|m| m.0).collect();
+        c.sort_unstable();
+        c.dedup();
+        c
+    }
+
     /// The stage of step `step` of `total`.
     pub fn stage(&self, step: usize, total: usize) -> usize {
         (step * self.stages.len() / total.max(1)).min(self.stages.len() - 1)

@@ -4,8 +4,8 @@
 //! `targets.len()` positions of the assembled input predict the targets. Reconstruction, next
 //! paragraph and answers are all this shape:
 //!
-//! - CPT-A: chunks of `x_1..x_s` all compressed, then `x_1..x_{s-1}`; targets `x_1..x_s`;
-//! - CPT-B: chunks of the context (some expanded), then `y_1..y_{o-1}`; targets `y_1..y_o`;
+//! - CPT-A: BOS, chunks of `x_1..x_s` all compressed, then `x_1..x_{s-1}`; targets `x_1..x_s`;
+//! - CPT-B: BOS, chunks of the context (some expanded), then `y_1..y_{o-1}`; targets `y_1..y_o`;
 //! - QA: the inference template with the passages' chunks, then the answer; targets the answer
 //!   and the end-of-turn token.
 
@@ -52,16 +52,36 @@ impl Seq {
         }
     }
 
-    /// CPT-A: reconstruct `tokens` from their chunks of `k`, all compressed.
-    pub fn reconstruction(tokens: &[u32], k: usize) -> Self {
+    /// CPT-A: reconstruct `tokens` from their chunks of `k`, all compressed, after `bos` (if
+    /// any). A chunk vector is never the first position: a decoder's first position is its
+    /// attention sink, which later positions read little from, and at inference chunks always
+    /// follow the template's opening tokens.
+    pub fn reconstruction(tokens: &[u32], k: usize, bos: Option<u32>) -> Self {
         let chunks = chunk_tokens(tokens, k);
         let n = chunks.len();
-        Self::new(Vec::new(), chunks, tokens.to_vec(), vec![false; n])
+        Self::new(
+            bos.into_iter().collect(),
+            chunks,
+            tokens.to_vec(),
+            vec![false; n],
+        )
     }
 
-    /// CPT-B: predict `cont` after the context `ctx` cut in chunks of `k`, expanded per `mask`.
-    pub fn next_paragraph(ctx: &[u32], cont: &[u32], k: usize, mask: Vec<bool>) -> Self {
-        Self::new(Vec::new(), chunk_tokens(ctx, k), cont.to_vec(), mask)
+    /// CPT-B: predict `cont` after `bos` (if any) and the context `ctx` cut in chunks of `k`,
+    /// expanded per `mask`.
+    pub fn next_paragraph(
+        ctx: &[u32],
+        cont: &[u32],
+        k: usize,
+        mask: Vec<bool>,
+        bos: Option<u32>,
+    ) -> Self {
+        Self::new(
+            bos.into_iter().collect(),
+            chunk_tokens(ctx, k),
+            cont.to_vec(),
+            mask,
+        )
     }
 
     /// `cont` with no context but `bos` (if any) before it.
@@ -191,12 +211,12 @@ fn score_group(
         })
         .collect::<Result<Vec<_>>>()?;
     let x = Tensor::cat(&xs, 0)?; // (b, p, d)
-    let logits = decoder.forward_embeds(&x, None, Logits::All)?; // (b, p, V)
-    let logits = logits.narrow(1, p - m, m)?.reshape((idx.len() * m, ()))?;
+    debug_assert!(m <= p);
+    let logits = decoder.forward_embeds(&x, None, Logits::Tail(m))?; // (b, m, V)
+    let logits = logits.reshape((idx.len() * m, ()))?;
     let targets: Vec<u32> = idx.iter().flat_map(|&i| seqs[i].targets.clone()).collect();
     let t = Tensor::new(targets.as_slice(), dev)?;
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let tok_nll = logp.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?; // (b * m)
+    let tok_nll = super::xent::cross_entropy_rows(&logits.to_dtype(DType::F32)?, &t)?; // (b * m)
     let per: Vec<f32> = tok_nll.to_vec1()?;
     let nll = per
         .chunks(m)
@@ -286,13 +306,16 @@ mod tests {
 
     #[test]
     fn reconstruction_layout_predicts_every_token_from_the_chunks() {
-        let s = Seq::reconstruction(&[5, 6, 7, 8, 9], 2);
+        let s = Seq::reconstruction(&[5, 6, 7, 8, 9], 2, None);
         assert_eq!(s.layout.chunks.len(), 3);
         // 3 chunk positions, then x1..x4: the last 5 positions predict x1..x5.
         assert_eq!(s.positions(), 3 + 4);
         assert_eq!(s.targets, vec![5, 6, 7, 8, 9]);
-        let n = Seq::next_paragraph(&[1, 2, 3, 4], &[7, 8], 2, vec![true, false]);
+        let n = Seq::next_paragraph(&[1, 2, 3, 4], &[7, 8], 2, vec![true, false], None);
         assert_eq!(n.positions(), 2 + 1 + 1);
+        let b = Seq::reconstruction(&[5, 6, 7, 8, 9], 2, Some(1));
+        assert_eq!(b.positions(), 1 + 3 + 4);
+        assert_eq!(b.layout.segments.len(), s.layout.segments.len());
         let z = Seq::no_context(Some(1), &[7, 8]);
         assert_eq!(z.positions(), 2);
     }

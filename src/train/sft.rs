@@ -29,6 +29,8 @@ pub struct SftTask {
     pub dec_name: String,
     pub dec_lr_scale: f64,
     pub eval_batch: usize,
+    /// Expansion fractions are drawn uniform in `[0, expand_max]`.
+    pub expand_max: f64,
 }
 
 impl SftTask {
@@ -76,7 +78,7 @@ impl Task for SftTask {
         let mut seqs = Vec::with_capacity(items.len());
         let mut fracs = Vec::new();
         for &j in items {
-            let p: f64 = rng.random();
+            let p: f64 = rng.random::<f64>() * self.expand_max;
             fracs.push(p);
             seqs.push(self.seq(self.data.train[j], p, rng.random())?);
         }

@@ -1,0 +1,158 @@
+//! Cross-entropy of logits against target ids as one op: per row, the negative log-likelihood
+//! `lse(row) - row[target]` in one pass (the vectorised log-sum-exp of `blas.rs`), and in the
+//! backward pass `softmax(row) - onehot(target)` scaled by the row's incoming gradient, written
+//! straight into the one gradient tensor. candle's `log_softmax` + `gather` builds several
+//! vocabulary-wide temporaries per row forward and more backward: with a 49K vocabulary and a
+//! batch of a few hundred targets those are hundreds of megabytes per step, most of a training
+//! step's time spent in allocation and page faults. Other devices use the plain candle ops.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Negative log-likelihood `(n,)` of `targets` `(n,)` u32 under `logits` `(n, vocab)`.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        return logits
+            .contiguous()?
+            .apply_op2_no_bwd(&targets.contiguous()?, &Xent)
+            .and_then(|y| attach(y, logits, targets));
+    }
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+}
+
+/// The forward result `y` with the backward of [`Xent`] attached (`apply_op2` would run the
+/// forward again).
+fn attach(y: Tensor, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if !logits.track_op() {
+        return Ok(y);
+    }
+    y.apply_op2(&logits.contiguous()?, PassWithGrad(targets.contiguous()?))
+}
+
+fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
+        _ => candle_core::bail!("cross entropy: logits must be f32"),
+    }
+}
+
+fn ids<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    match s {
+        CpuStorage::U32(v) => Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
+        _ => candle_core::bail!("cross entropy: targets must be u32"),
+    }
+}
+
+/// Forward only: `(logits, targets) -> nll`.
+struct Xent;
+
+impl CustomOp2 for Xent {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let x = rows(s1, l1)?;
+        let t = ids(s2, l2)?;
+        if t.len() != n {
+            candle_core::bail!("cross entropy: {} targets for {n} rows", t.len());
+        }
+        let out: Vec<f32> = x
+            .par_chunks(v)
+            .zip(t.par_iter())
+            .map(|(row, &id)| {
+                let lse = crate::blas::log_sum_exp_rows(row, v)[0];
+                lse - row[id as usize]
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+}
+
+/// Passes `nll` through; its backward gives the logits `(softmax - onehot) * grad`.
+struct PassWithGrad(Tensor);
+
+impl CustomOp2 for PassWithGrad {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((s1.try_clone(l1)?, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        logits: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, v) = logits.dims2()?;
+        let g: Vec<f32> = grad.to_dtype(DType::F32)?.to_vec1()?;
+        let t: Vec<u32> = self.0.to_vec1()?;
+        let x = logits.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = x;
+        out.par_chunks_mut(v)
+            .zip(t.par_iter().zip(g.par_iter()))
+            .for_each(|(row, (&id, &gi))| {
+                crate::blas::softmax_in_place(row);
+                row[id as usize] -= 1.0;
+                row.iter_mut().for_each(|r| *r *= gi);
+            });
+        let dx = Tensor::from_vec(out, (n, v), logits.device())?;
+        Ok((None, Some(dx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_cross_entropy_equals_log_softmax_gather_forward_and_backward() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (5, 37), &dev).unwrap()).unwrap();
+        let t = Tensor::new(&[0u32, 36, 5, 5, 17], &dev).unwrap();
+        let w = Tensor::new(&[1f32, 0.5, 2.0, -1.0, 0.25], &dev).unwrap();
+        let fused = cross_entropy_rows(x.as_tensor(), &t).unwrap();
+        let plain = candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1)
+            .unwrap()
+            .gather(&t.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap();
+        let a: Vec<f32> = fused.to_vec1().unwrap();
+        let b: Vec<f32> = plain.to_vec1().unwrap();
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+        }
+        let ga = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let ga: Vec<Vec<f32>> = ga.get(x.as_tensor()).unwrap().to_vec2().unwrap();
+        let gb: Vec<Vec<f32>> = gb.get(x.as_tensor()).unwrap().to_vec2().unwrap();
+        for (ra, rb) in ga.iter().zip(&gb) {
+            for (p, q) in ra.iter().zip(rb) {
+                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+            }
+        }
+    }
+}
