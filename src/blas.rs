@@ -285,47 +285,6 @@ pub(crate) fn sgemm(
     }
 }
 
-/// Row-major `C (m, n) = alpha * A (m, k) * op(B)`, `B` read from `b` with row stride `ldb`
-/// (`(n, k)` when `tb`, else `(k, n)`), `A` with row stride `lda`, `C` with row stride `ldc`.
-#[allow(clippy::too_many_arguments)]
-fn sgemm_rows(
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    tb: bool,
-    c: &mut [f32],
-    ldc: usize,
-) {
-    let i = |v: usize| v as c_int;
-    let trans_b: c_char = if tb { b'T' } else { b'N' } as c_char;
-    let trans_a: c_char = b'N' as c_char;
-    let beta = 0f32;
-    // SAFETY: callers pass slices that start at each matrix's first element and extend over
-    // its last row (checked by the slicing at the call sites).
-    unsafe {
-        blas_sys::sgemm_(
-            &trans_b,
-            &trans_a,
-            &i(n),
-            &i(m),
-            &i(k),
-            &alpha,
-            b.as_ptr(),
-            &i(ldb),
-            a.as_ptr(),
-            &i(lda),
-            &beta,
-            c.as_mut_ptr(),
-            &i(ldc),
-        );
-    }
-}
-
 impl candle_core::CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
         "blas-causal-attention"
@@ -368,7 +327,9 @@ impl candle_core::CustomOp3 for CausalAttention {
                     let q0 = ((bi * h + head) * t + i0) * hd;
                     let kspan = (keys - 1) * ldk + hd;
                     // S = scale * Q K^T over the block's causal prefix.
-                    sgemm_rows(
+                    sgemm(
+                        false,
+                        true,
                         n,
                         keys,
                         hd,
@@ -377,7 +338,7 @@ impl candle_core::CustomOp3 for CausalAttention {
                         hd,
                         &kd[k0..k0 + kspan],
                         ldk,
-                        true,
+                        0.0,
                         s,
                         keys,
                     );
@@ -392,7 +353,9 @@ impl candle_core::CustomOp3 for CausalAttention {
                     let o0 = ((bi * t + i0) * h + head) * hd;
                     let ospan = (n - 1) * h * hd + hd;
                     let vspan = (keys - 1) * ldv + hd;
-                    sgemm_rows(
+                    sgemm(
+                        false,
+                        false,
                         n,
                         hd,
                         keys,
@@ -401,7 +364,7 @@ impl candle_core::CustomOp3 for CausalAttention {
                         keys,
                         &vd[v0..v0 + vspan],
                         ldv,
-                        false,
+                        0.0,
                         &mut out[o0..o0 + ospan],
                         h * hd,
                     );
