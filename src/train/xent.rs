@@ -6,29 +6,16 @@
 //! batch of a few hundred targets those are hundreds of megabytes per step, most of a training
 //! step's time spent in allocation and page faults. Other devices use the plain candle ops.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Negative log-likelihood `(n,)` of `targets` `(n,)` u32 under `logits` `(n, vocab)`.
 pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if logits.device().is_cpu() && logits.dtype() == DType::F32 {
-        return logits
-            .contiguous()?
-            .apply_op2_no_bwd(&targets.contiguous()?, &Xent)
-            .and_then(|y| attach(y, logits, targets));
+        return logits.contiguous()?.apply_op2(&targets.contiguous()?, Xent);
     }
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
-}
-
-/// The forward result `y` with the backward of [`Xent`] attached (`apply_op2` would run the
-/// forward again).
-fn attach(y: Tensor, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if !logits.track_op() {
-        return Ok(y);
-    }
-    y.apply_op2(&logits.contiguous()?, PassWithGrad(targets.contiguous()?))
 }
 
 fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -45,7 +32,7 @@ fn ids<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     }
 }
 
-/// Forward only: `(logits, targets) -> nll`.
+/// `(logits, targets) -> nll`; its backward gives the logits `(softmax - onehot) * grad`.
 struct Xent;
 
 impl CustomOp2 for Xent {
@@ -76,38 +63,18 @@ impl CustomOp2 for Xent {
             .collect();
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
-}
-
-/// Passes `nll` through; its backward gives the logits `(softmax - onehot) * grad`.
-struct PassWithGrad(Tensor);
-
-impl CustomOp2 for PassWithGrad {
-    fn name(&self) -> &'static str {
-        "cross-entropy-rows-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((s1.try_clone(l1)?, l1.shape().clone()))
-    }
 
     fn bwd(
         &self,
-        _y: &Tensor,
         logits: &Tensor,
+        targets: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, v) = logits.dims2()?;
         let g: Vec<f32> = grad.to_dtype(DType::F32)?.to_vec1()?;
-        let t: Vec<u32> = self.0.to_vec1()?;
-        let x = logits.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = x;
+        let t: Vec<u32> = targets.to_vec1()?;
+        let mut out = logits.flatten_all()?.to_vec1::<f32>()?;
         out.par_chunks_mut(v)
             .zip(t.par_iter().zip(g.par_iter()))
             .for_each(|(row, (&id, &gi))| {
@@ -116,7 +83,7 @@ impl CustomOp2 for PassWithGrad {
                 row.iter_mut().for_each(|r| *r *= gi);
             });
         let dx = Tensor::from_vec(out, (n, v), logits.device())?;
-        Ok((None, Some(dx)))
+        Ok((Some(dx), None))
     }
 }
 
