@@ -532,18 +532,7 @@ pub fn apply_lora(
         );
     };
     let path = checkpoint::part_path(dir, "decoder_lora");
-    let vars = VarMap::new();
-    {
-        let file = candle_core::safetensors::load(&path, device)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let mut data = vars.data().lock().unwrap();
-        for (name, t) in file {
-            data.insert(
-                name,
-                candle_core::Var::from_tensor(&t.to_dtype(DType::F32)?)?,
-            );
-        }
-    }
+    let vars = crate::decoder::lora::load_vars(&path, device)?;
     let expected = vars.all_vars().len();
     decoder
         .add_lora(lora, &vars, false)

@@ -64,6 +64,22 @@ impl LoraConfig {
     }
 }
 
+/// A saved adapter (`decoder_lora.safetensors`) as variables, in f32 on `device`, ready for
+/// [`crate::decoder::Decoder::add_lora`].
+pub fn load_vars(path: &std::path::Path, device: &Device) -> Result<VarMap> {
+    use anyhow::Context;
+    let file = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let vars = VarMap::new();
+    {
+        let mut data = vars.data().lock().unwrap();
+        for (name, t) in file {
+            data.insert(name, Var::from_tensor(&t.to_dtype(DType::F32)?)?);
+        }
+    }
+    Ok(vars)
+}
+
 /// The variable `name` of `vars`, created with `init` (seeded uniform in `[-bound, bound]` from
 /// a generator keyed by the name, or zero) when absent.
 pub(crate) fn lora_var(

@@ -129,14 +129,10 @@ pub fn load_decoder(
                     );
                 }
             }
-            let vm = VarMap::new();
-            {
-                let mut data = vm.data().lock().unwrap();
-                for (name, t) in read_tensors(&checkpoint::part_path(dir, "decoder_lora"), device)?
-                {
-                    data.insert(name, candle_core::Var::from_tensor(&t)?);
-                }
-            }
+            let vm = crate::decoder::lora::load_vars(
+                &checkpoint::part_path(dir, "decoder_lora"),
+                device,
+            )?;
             Some((cfg.clone(), vm, Some(dir)))
         }
         (None, Some(n)) => Some((n.clone(), VarMap::new(), None)),

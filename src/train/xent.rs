@@ -3,8 +3,8 @@
 //! backward pass `softmax(row) - onehot(target)` scaled by the row's incoming gradient, written
 //! straight into the one gradient tensor. candle's `log_softmax` + `gather` builds several
 //! vocabulary-wide temporaries per row forward and more backward: with a 49K vocabulary and a
-//! batch of a few hundred targets those are hundreds of megabytes per step, most of a training
-//! step's time spent in allocation and page faults. Other devices use the plain candle ops.
+//! batch of a few hundred targets those are hundreds of megabytes per step (measured: about 8%
+//! of a 64-item reconstruction step). Other devices use the plain candle ops.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
