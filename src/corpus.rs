@@ -54,19 +54,16 @@ pub struct QaPair {
 /// Read a QA JSONL file (`question`, `answers`, optional `id`; other fields ignored); a pair
 /// without an `id` gets its line number.
 pub fn read_qa(path: &std::path::Path) -> anyhow::Result<Vec<QaPair>> {
-    let mut rows: Vec<QaPair> = crate::jsonio::read_jsonl(path)?;
-    let text = crate::jsonio::read_utf8(path)?;
-    let lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, _)| i + 1);
-    for (row, line) in rows.iter_mut().zip(lines) {
-        if row.id.is_empty() {
-            row.id = line.to_string();
-        }
-    }
-    Ok(rows)
+    let rows: Vec<(usize, QaPair)> = crate::jsonio::read_jsonl_numbered(path)?;
+    Ok(rows
+        .into_iter()
+        .map(|(line, mut row)| {
+            if row.id.is_empty() {
+                row.id = line.to_string();
+            }
+            row
+        })
+        .collect())
 }
 
 /// How a CPT text is cut: `s` decoder tokens of context, then `o` tokens of continuation.
@@ -493,6 +490,19 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
     use std::sync::OnceLock;
+
+    #[test]
+    fn qa_lines_without_id_get_their_line_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("qa.jsonl");
+        std::fs::write(
+            &p,
+            "{\"question\":\"a?\",\"answers\":[\"x\"],\"title\":\"T\"}\n\n{\"id\":\"k\",\"question\":\"b?\",\"answers\":[\"y\"]}\n{\"question\":\"c?\",\"answers\":[\"z\"]}\n",
+        )
+        .unwrap();
+        let ids: Vec<String> = read_qa(&p).unwrap().into_iter().map(|q| q.id).collect();
+        assert_eq!(ids, ["1", "k", "4"]);
+    }
 
     fn seed0() -> &'static DataSet {
         static DS: OnceLock<DataSet> = OnceLock::new();

@@ -47,6 +47,14 @@ pub fn read_corpus(path: &Path) -> Result<Vec<String>> {
 /// Read a JSONL file into typed records; a malformed line is an error naming file and line.
 /// Blank lines are skipped. An empty file is an error.
 pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    Ok(read_jsonl_numbered(path)?
+        .into_iter()
+        .map(|(_, row)| row)
+        .collect())
+}
+
+/// [`read_jsonl`], each record with its 1-based line number.
+pub fn read_jsonl_numbered<T: DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>> {
     let text = read_utf8(path)?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -55,7 +63,7 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
         }
         let row = serde_json::from_str(line)
             .with_context(|| format!("{}:{}: malformed JSONL line", path.display(), i + 1))?;
-        rows.push(row);
+        rows.push((i + 1, row));
     }
     if rows.is_empty() {
         bail!("{}: no records", path.display());
