@@ -24,7 +24,7 @@ use super::parts::{enc_dec_checkpoint, enc_dec_groups, Checkpoint, TrainDecoder}
 use super::run::{Micro, Stats, Task};
 use super::schedule::Curriculum;
 use super::seq::{forward_seqs, perplexity, target_counts, weighted_mean, Seq, SeqOut};
-use crate::corpus::CptItem;
+use crate::corpus::{CptItem, Split};
 use crate::decoder::DecoderTokenizer;
 use crate::select::{num_expand, random_n};
 
@@ -55,7 +55,7 @@ impl CptData {
         o_cap: Option<usize>,
     ) -> Result<Self> {
         let items = read_items(path, dtok, s_cap, o_cap)?;
-        Self::from_items(&items, dtok, eval_items, s_cap, o_cap)
+        Self::from_tokenized(items, eval_items, s_cap, o_cap)
             .map_err(|e| anyhow::anyhow!("--train_json {}: {e:#}", path.display()))
     }
 
@@ -74,14 +74,30 @@ impl CptData {
         let held = read_items(eval, dtok, s_cap, o_cap)?;
         let n_eval = eval_items.min(held.len());
         items.extend(held.into_iter().take(n_eval));
-        let mut d = Self::from_items(&items, dtok, n_eval, s_cap, o_cap)?;
+        let mut d = Self::from_tokenized(items, n_eval, s_cap, o_cap)?;
         d.train.truncate(n_train);
         Ok(d)
     }
 
+    /// Tokenize `items` and build the data set ([`CptData::from_tokenized`]).
     pub fn from_items(
         items: &[CptItem],
         dtok: &DecoderTokenizer,
+        eval_items: usize,
+        s_cap: Option<usize>,
+        o_cap: Option<usize>,
+    ) -> Result<Self> {
+        let tokenized = items
+            .iter()
+            .map(|it| Ok((dtok.encode(&it.tokens, false)?, it.split)))
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_tokenized(tokenized, eval_items, s_cap, o_cap)
+    }
+
+    /// Items as decoder tokens with their splits, clipped to what each holds (and to `s_cap` /
+    /// `o_cap`); the last `eval_items` held out.
+    fn from_tokenized(
+        items: Vec<(Vec<u32>, Split)>,
         eval_items: usize,
         s_cap: Option<usize>,
         o_cap: Option<usize>,
@@ -93,10 +109,9 @@ impl CptData {
             train: Vec::new(),
             eval: Vec::new(),
         };
-        for it in items {
-            let t = dtok.encode(&it.tokens, false)?;
-            let s = it.split.s.min(s_cap.unwrap_or(usize::MAX)).min(t.len());
-            let o = it.split.o.min(o_cap.unwrap_or(usize::MAX)).min(t.len() - s);
+        for (t, split) in items {
+            let s = split.s.min(s_cap.unwrap_or(usize::MAX)).min(t.len());
+            let o = split.o.min(o_cap.unwrap_or(usize::MAX)).min(t.len() - s);
             d.tokens.push(t);
             d.s.push(s);
             d.o.push(o);
@@ -136,44 +151,44 @@ pub fn text_split(n: usize, s_cap: Option<usize>, o_cap: Option<usize>) -> (usiz
     (s, o)
 }
 
-/// The CPT items of a JSONL or plain-text file.
+/// The items of a JSONL or plain-text file, tokenized once, with their splits.
 fn read_items(
     path: &Path,
     dtok: &DecoderTokenizer,
     s_cap: Option<usize>,
     o_cap: Option<usize>,
-) -> Result<Vec<CptItem>> {
+) -> Result<Vec<(Vec<u32>, Split)>> {
     if is_jsonl(path) {
-        crate::jsonio::read_jsonl(path)
+        let items: Vec<CptItem> = crate::jsonio::read_jsonl(path)?;
+        items
+            .iter()
+            .map(|it| Ok((dtok.encode(&it.tokens, false)?, it.split)))
+            .collect()
     } else {
         text_items(path, dtok, s_cap, o_cap)
     }
 }
 
-/// Plain text, one paragraph per line, as CPT items (`text-<line>`), with [`text_split`].
+/// Plain text, one paragraph per line, tokenized, with [`text_split`].
 fn text_items(
     path: &Path,
     dtok: &DecoderTokenizer,
     s_cap: Option<usize>,
     o_cap: Option<usize>,
-) -> Result<Vec<CptItem>> {
+) -> Result<Vec<(Vec<u32>, Split)>> {
     let text = crate::jsonio::read_utf8(path)?;
     let mut items = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for line in text.lines() {
         let line = line.trim();
         if line.is_empty() {
             continue;
         }
-        let n = dtok.encode(line, false)?.len();
-        if n < MIN_TEXT_TOKENS {
+        let t = dtok.encode(line, false)?;
+        if t.len() < MIN_TEXT_TOKENS {
             continue;
         }
-        let (s, o) = text_split(n, s_cap, o_cap);
-        items.push(CptItem {
-            id: format!("text-{}", i + 1),
-            tokens: line.to_string(),
-            split: crate::corpus::Split { s, o },
-        });
+        let (s, o) = text_split(t.len(), s_cap, o_cap);
+        items.push((t, Split { s, o }));
     }
     if items.is_empty() {
         bail!("--train_json {}: no paragraphs", path.display());
