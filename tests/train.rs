@@ -44,7 +44,7 @@ fn models(f: &Fixture, dec_trainable: bool, seed: u64) -> (TrainDecoder, TrainEn
     } else {
         parts::DecoderTraining::Frozen
     };
-    let dec = parts::load_decoder(&f.s("dec"), None, None, &training, &dev()).unwrap();
+    let dec = f.decoder(training);
     let init = ProjectorInit::Fresh {
         out_std: embedding_std(&dec.decoder).unwrap(),
         seed,
@@ -342,14 +342,7 @@ impl Task for StopAt<'_> {
 
 /// A CPT-A task whose encoder and projector come from `dir` (a checkpoint).
 fn recon_from(f: &Fixture, dir: &Path) -> CptTask {
-    let dec = parts::load_decoder(
-        &f.s("dec"),
-        None,
-        None,
-        &parts::DecoderTraining::Frozen,
-        &dev(),
-    )
-    .unwrap();
+    let dec = f.decoder(parts::DecoderTraining::Frozen);
     let enc_file = dir.join("encoder.safetensors");
     let proj = dir.join("projector.safetensors");
     let d = dec.decoder.hidden_size();
@@ -448,14 +441,7 @@ fn same_seed_same_weights_other_seed_other_weights() {
 #[test]
 fn cpt_data_clips_splits_and_holds_out_the_last_items() {
     let f = Fixture::new();
-    let dec = parts::load_decoder(
-        &f.s("dec"),
-        None,
-        None,
-        &parts::DecoderTraining::Frozen,
-        &dev(),
-    )
-    .unwrap();
+    let dec = f.decoder(parts::DecoderTraining::Frozen);
     let d = CptData::from_items(&cpt_items(5), &dec.tok, 2, Some(20), Some(1000)).unwrap();
     assert_eq!(d.train, vec![0, 1, 2]);
     assert_eq!(d.eval, vec![3, 4]);

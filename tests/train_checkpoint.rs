@@ -122,22 +122,8 @@ fn bert_gradient_equals_finite_differences() {
 #[test]
 fn frozen_decoder_passes_the_same_input_gradient_as_a_trainable_one() {
     let f = Fixture::new();
-    let frozen = parts::load_decoder(
-        &f.s("dec"),
-        None,
-        None,
-        &parts::DecoderTraining::Frozen,
-        &dev(),
-    )
-    .unwrap();
-    let trainable = parts::load_decoder(
-        &f.s("dec"),
-        None,
-        None,
-        &parts::DecoderTraining::Full,
-        &dev(),
-    )
-    .unwrap();
+    let frozen = f.decoder(parts::DecoderTraining::Frozen);
+    let trainable = f.decoder(parts::DecoderTraining::Full);
     let x0 = Tensor::randn(0f32, 1.0, (2, 5, 64), &dev()).unwrap();
     let probe = Tensor::randn(
         0f32,
@@ -158,18 +144,11 @@ fn frozen_decoder_passes_the_same_input_gradient_as_a_trainable_one() {
 
 fn run_cpt(f: &Fixture, mode: CptMode, load: Option<&str>, out: &str) -> std::path::PathBuf {
     let dir = load.map(|d| f.path(d));
-    let dec = parts::load_decoder(
-        &f.s("dec"),
-        None,
-        None,
-        &if mode == CptMode::Next {
-            parts::DecoderTraining::Full
-        } else {
-            parts::DecoderTraining::Frozen
-        },
-        &dev(),
-    )
-    .unwrap();
+    let dec = f.decoder(if mode == CptMode::Next {
+        parts::DecoderTraining::Full
+    } else {
+        parts::DecoderTraining::Frozen
+    });
     let d = dec.decoder.hidden_size();
     let (enc_file, proj) = match &dir {
         Some(d) => (
@@ -236,14 +215,7 @@ fn saved_encoder_and_projector_give_inference_the_same_vectors() {
     let cfg = refrag::checkpoint::RefragConfig::read(&out).unwrap();
     assert_eq!(cfg.parts, vec!["encoder", "projector"]);
     assert_eq!((cfg.stage.as_str(), cfg.step, cfg.k), ("cpt_recon", 3, 4));
-    let dec = parts::load_decoder(
-        &f.s("dec"),
-        None,
-        None,
-        &parts::DecoderTraining::Frozen,
-        &dev(),
-    )
-    .unwrap();
+    let dec = f.decoder(parts::DecoderTraining::Frozen);
     let trained = TrainEncoder::load(
         &f.s("enc"),
         Some(&part_path(&out, "encoder")),
@@ -283,14 +255,7 @@ fn trained_decoder_loads_into_the_pipeline_with_the_same_logits() {
     )
     .unwrap();
     let refrag = Refrag::load(None, &f.s("dec"), Some(&out), 0, &dev()).unwrap();
-    let base = parts::load_decoder(
-        &f.s("dec"),
-        None,
-        None,
-        &parts::DecoderTraining::Frozen,
-        &dev(),
-    )
-    .unwrap();
+    let base = f.decoder(parts::DecoderTraining::Frozen);
     let ids = Tensor::new(&[[1u32, 40, 250, 7, 99]], &dev()).unwrap();
     let logits = |d: &Decoder| d.forward_ids(&ids, None, Logits::All).unwrap();
     let (a, b) = (logits(&trained.decoder), logits(&refrag.decoder));

@@ -74,6 +74,21 @@ impl Fixture {
         self.dir.path().join(rel)
     }
 
+    /// The tiny decoder `dec/` (base weights) on the CPU, trained as `training` says.
+    pub fn decoder(
+        &self,
+        training: refrag::train::parts::DecoderTraining,
+    ) -> refrag::train::parts::TrainDecoder {
+        refrag::train::parts::load_decoder(
+            &self.s("dec"),
+            None,
+            None,
+            &training,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    }
+
     pub fn s(&self, rel: &str) -> String {
         self.path(rel).to_string_lossy().into_owned()
     }
