@@ -171,9 +171,13 @@ pub struct CompressArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct IndexArgs {
-    /// Text file, one passage per line.
+    /// Text file, one passage per line (blank lines are skipped and counted; passage ids count
+    /// the passages, 0-based, not the lines).
     #[arg(long)]
     pub corpus: PathBuf,
+    /// Refuse a corpus with a blank line instead of skipping it.
+    #[arg(long)]
+    pub strict: bool,
     /// Output directory (written atomically: a temporary directory renamed at the end).
     #[arg(long = "index_dir", alias = "index-dir")]
     pub index_dir: PathBuf,

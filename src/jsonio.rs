@@ -22,26 +22,46 @@ pub fn read_utf8(path: &Path) -> Result<String> {
     }
 }
 
-/// Read a corpus: one passage per line. A final newline is fine; a blank line, an empty file or
-/// invalid UTF-8 is an error naming the file (and line).
-pub fn read_corpus(path: &Path) -> Result<Vec<String>> {
+/// Read a corpus: one passage per line, blank (or whitespace-only) lines skipped with their count
+/// on stderr; with `strict` a blank line is an error naming the file and line. A final newline is
+/// fine; an empty file (or one of blank lines only) or invalid UTF-8 is an error naming the file.
+/// A passage's id is its position among the passages read (0-based), so blank lines take no id.
+pub fn read_corpus(path: &Path, strict: bool) -> Result<Vec<String>> {
+    let (passages, blank) = read_corpus_counted(path, strict)?;
+    if blank > 0 {
+        let s = if blank == 1 { "" } else { "s" };
+        eprintln!(
+            "refrag: skipped {blank} blank line{s} in {}",
+            path.display()
+        );
+    }
+    Ok(passages)
+}
+
+/// [`read_corpus`] without the message: the passages and the number of blank lines skipped.
+pub fn read_corpus_counted(path: &Path, strict: bool) -> Result<(Vec<String>, usize)> {
     let text = read_utf8(path)?;
     let mut passages = Vec::new();
+    let mut blank = 0;
     for (i, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
         if line.trim().is_empty() {
-            bail!(
-                "{}:{}: blank line (a corpus holds one passage per line; remove blank lines)",
-                path.display(),
-                i + 1
-            );
+            if strict {
+                bail!(
+                    "{}:{}: blank line (--strict: a corpus holds one passage per line)",
+                    path.display(),
+                    i + 1
+                );
+            }
+            blank += 1;
+            continue;
         }
         passages.push(line.to_string());
     }
     if passages.is_empty() {
         bail!("{}: empty corpus (no passages)", path.display());
     }
-    Ok(passages)
+    Ok((passages, blank))
 }
 
 /// Read a JSONL file into typed records; a malformed line is an error naming file and line.
@@ -127,14 +147,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.txt");
         std::fs::write(&p, "a\n\nb\n").unwrap();
-        let e = format!("{:#}", read_corpus(&p).unwrap_err());
+        let e = format!("{:#}", read_corpus(&p, true).unwrap_err());
         assert!(e.contains("c.txt:2: blank line"), "{e}");
         std::fs::write(&p, "").unwrap();
-        assert!(format!("{:#}", read_corpus(&p).unwrap_err()).contains("empty corpus"));
+        assert!(format!("{:#}", read_corpus(&p, false).unwrap_err()).contains("empty corpus"));
+        std::fs::write(&p, " \n\t\n").unwrap();
+        assert!(format!("{:#}", read_corpus(&p, false).unwrap_err()).contains("empty corpus"));
         std::fs::write(&p, b"ok\n\xff\n").unwrap();
-        assert!(format!("{:#}", read_corpus(&p).unwrap_err()).contains("c.txt:2: invalid UTF-8"));
+        let e = format!("{:#}", read_corpus(&p, false).unwrap_err());
+        assert!(e.contains("c.txt:2: invalid UTF-8"), "{e}");
         std::fs::write(&p, "one\r\ntwo").unwrap();
-        assert_eq!(read_corpus(&p).unwrap(), vec!["one", "two"]);
+        assert_eq!(read_corpus(&p, true).unwrap(), vec!["one", "two"]);
+    }
+
+    #[test]
+    fn blank_corpus_lines_are_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.txt");
+        std::fs::write(&p, "\na\n  \r\nb\n\t\n\nc\n\n").unwrap();
+        let (passages, blank) = read_corpus_counted(&p, false).unwrap();
+        assert_eq!(passages, vec!["a", "b", "c"]); // ids 0, 1, 2: blank lines take none
+        assert_eq!(blank, 5);
+        assert!(read_corpus_counted(&p, true).is_err());
     }
 
     #[test]

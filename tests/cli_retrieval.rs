@@ -211,7 +211,7 @@ fn bad_corpora_fail_in_one_line_and_leave_the_index() {
         ("bad.txt", "bad.txt:2: invalid UTF-8"),
     ];
     for (corpus, needle) in cases {
-        let o = f.index(corpus, "idx", &["--force"]);
+        let o = f.index(corpus, "idx", &["--force", "--strict"]);
         assert_one_line_error(&o, &[needle]);
         assert!(f.snapshot("idx") == before, "{corpus}: index changed");
     }
@@ -231,6 +231,38 @@ fn bad_corpora_fail_in_one_line_and_leave_the_index() {
     assert!(f.snapshot("idx") == before);
     let leftovers = std::fs::read_dir(f.dir.path()).unwrap().count();
     assert_eq!(leftovers, 6, "staging directories left behind"); // bert, idx, 4 corpora
+}
+
+#[test]
+fn blank_corpus_lines_are_skipped_and_counted_unless_strict() {
+    let f = Fixture::new();
+    // Blank and whitespace-only lines before, between and after the passages.
+    let text = format!("\n{}\n  \n\t\n", corpus(40).replace('\n', "\n\n"));
+    std::fs::write(f.path("gappy.txt"), text).unwrap();
+    let o = f.index("gappy.txt", "idx", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let gappy = f.s("gappy.txt");
+    assert!(
+        stderr(&o).contains(&format!("refrag: skipped 44 blank lines in {gappy}")),
+        "{}",
+        stderr(&o)
+    );
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(f.path("idx/manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["count"], 40);
+    // Ids count passages, not lines: the same ids as the corpus without blank lines.
+    let out = json(&f.search("idx", "City_7", &["--retrieval", "lexical"]));
+    for h in out["hits"].as_array().unwrap() {
+        let id = h["id"].as_u64().unwrap() as usize;
+        assert_eq!(
+            h["text"].as_str().unwrap(),
+            corpus(40).lines().nth(id).unwrap()
+        );
+    }
+    assert_eq!(out["hits"][0]["id"], 0, "{out}");
+    let o = f.index("gappy.txt", "idx2", &["--strict"]);
+    assert_one_line_error(&o, &["gappy.txt:1: blank line", "--strict"]);
+    assert!(!f.path("idx2").exists());
 }
 
 #[test]

@@ -88,7 +88,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         peak_gflops: Some(a.peak_gflops.unwrap_or_else(crate::blas::sgemm_peak_gflops)),
         ..a.clone()
     };
-    let corpus = jsonio::read_corpus(&a.corpus)?;
+    let corpus = jsonio::read_corpus(&a.corpus, false)?;
     let load_dir = crate::weights::resolve_load_dir(
         a.load_dir.as_deref(),
         a.no_weights,

@@ -22,7 +22,7 @@ pub fn run(args: &IndexArgs) -> Result<()> {
     }
     let cache_k = chunk_cache_k(args)?;
     index::check_target(&args.index_dir, args.force)?;
-    let passages = crate::jsonio::read_corpus(&args.corpus)?;
+    let passages = crate::jsonio::read_corpus(&args.corpus, args.strict)?;
     let model_arg = hub::model_arg(args.embed.embed_model.as_deref(), Role::Embedder);
     let files = hub::resolve(&model_arg)?;
     let device = crate::device::select(args.runtime.device)?;
