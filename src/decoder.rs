@@ -127,6 +127,23 @@ pub fn load_parts(files: &ModelFiles, device: &Device, dtype: DType) -> Result<D
     }
 }
 
+/// Config and tokenizer of a Hugging Face folder or a GGUF file without reading any weight (a
+/// GGUF's metadata only): what the checks before a model load need, e.g. the decoder's window.
+pub fn load_config_and_tokenizer(files: &ModelFiles) -> Result<(DecoderConfig, DecoderTokenizer)> {
+    match files {
+        ModelFiles::Hf { .. } => hf_config_and_tokenizer(files),
+        ModelFiles::Gguf { path, .. } => {
+            let in_file = || format!("in {}", path.display());
+            let g = gguf::GgufFile::open(path)?;
+            let mut config = gguf::config_from_gguf(&g).with_context(in_file)?;
+            let tokenizer = DecoderTokenizer::from_gguf(g.metadata())
+                .with_context(|| format!("tokenizer of {}", path.display()))?;
+            config.eos_token_ids = tokenizer.eos_ids().to_vec();
+            Ok((config, tokenizer))
+        }
+    }
+}
+
 /// `config.json` and the tokenizer files of a Hugging Face folder. The config's EOS ids become
 /// the tokenizer's full set (config, `tokenizer_config.json`, `generation_config.json`, end of
 /// turn).

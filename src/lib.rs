@@ -20,6 +20,7 @@ pub mod fused;
 pub mod hub;
 pub mod index;
 pub mod jsonio;
+pub mod limits;
 pub mod pipeline;
 pub mod policy;
 pub mod progress;

@@ -96,13 +96,17 @@ impl Fixture {
             "4",
             "--topk",
             "2",
-            "--max_new",
-            "4",
             "--out",
             &o,
             "--quiet",
         ];
         args.extend_from_slice(extra);
+        // Defaults unless `extra` sets them; the tiny decoder holds 512 positions.
+        for (flag, value) in [("--max_new", "4"), ("--ctx_max", "320")] {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
         refrag(&args)
     }
 
@@ -266,6 +270,8 @@ fn bad_flags_fail_in_one_line() {
         (vec!["--select", "random"], "--select"),
         (vec!["--p", "2"], "--p"),
         (vec!["--limit", "0"], "--limit"),
+        (vec!["--max_new", "0"], "--max_new must be at least 1"),
+        (vec!["--ctx_max", "2048"], "--ctx_max 2048 leaves no room"),
     ] {
         let o = f.eval("idx", "bad.json", &extra);
         assert!(!o.status.success(), "{extra:?} succeeded");
@@ -276,6 +282,25 @@ fn bad_flags_fail_in_one_line() {
             .collect();
         assert_eq!(err.len(), 1, "{extra:?}: {err:?}");
         assert!(err[0].contains(needle), "{extra:?}: {err:?}");
+    }
+    assert!(!f.path("bad.json").exists());
+    // A question of the file that is blank, or too long, is named by its id (line number).
+    let long = vec!["river"; 20_000].join(" ");
+    for (question, needle) in [
+        ("  ", "question 2 is empty"),
+        (long.as_str(), "question 2 is too long"),
+    ] {
+        let qa = format!(
+            "{{\"id\":\"q0\",\"question\":\"Which river?\",\"answers\":[\"x\"]}}\n{}\n",
+            serde_json::json!({"question": question, "answers": ["y"]})
+        );
+        std::fs::write(f.path("qa.jsonl"), qa).unwrap();
+        let err = stderr(&f.eval("idx", "bad.json", &[]));
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("qa.jsonl question 2") && err.contains(needle),
+            "{err}"
+        );
     }
     assert!(!f.path("bad.json").exists());
     let q = f.s("missing.jsonl");

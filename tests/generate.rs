@@ -81,6 +81,10 @@ impl Fixture {
     }
 
     fn generate_with_dec(&self, index: &str, dec: &str, extra: &[&str]) -> Output {
+        self.ask(index, dec, "Which river flows through City_10007?", extra)
+    }
+
+    fn ask(&self, index: &str, dec: &str, question: &str, extra: &[&str]) -> Output {
         let mut args: Vec<String> = [
             "generate",
             "--index_dir",
@@ -92,15 +96,20 @@ impl Fixture {
             "--dec",
             dec,
             "--question",
-            "Which river flows through City_10007?",
+            question,
             "--topk",
             "3",
-            "--max_new",
-            "6",
         ]
         .map(String::from)
         .to_vec();
         args.extend(extra.iter().map(|s| s.to_string()));
+        // Defaults unless `extra` sets them; the tiny decoder holds 512 positions, so the
+        // default --ctx_max 2048 would not fit.
+        for (flag, value) in [("--max_new", "6"), ("--ctx_max", "320")] {
+            if !extra.contains(&flag) {
+                args.extend([flag, value].map(String::from));
+            }
+        }
         run(&args)
     }
 }
@@ -337,6 +346,60 @@ fn bad_flags_are_one_line_errors() {
     }
     let o = f.generate("idx", &["--select", "policy"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs a trained policy"));
+}
+
+/// The one error line of a failed run (exit status 1).
+fn error_line(o: &Output) -> String {
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    err
+}
+
+#[test]
+fn empty_question_and_max_new_zero_are_refused() {
+    let f = Fixture::new();
+    assert!(f.index("idx", None).status.success());
+    for q in ["", "   \t"] {
+        let err = error_line(&f.ask("idx", &f.s("llama"), q, &[]));
+        assert!(err.contains("--question is empty"), "{err}");
+    }
+    let err = error_line(&f.generate("idx", &["--max_new", "0"]));
+    assert!(err.contains("--max_new must be at least 1"), "{err}");
+}
+
+#[test]
+fn too_long_a_question_fails_fast_with_the_numbers() {
+    let f = Fixture::new();
+    assert!(f.index("idx", None).status.success());
+    let words = vec!["river"; 20_000].join(" ");
+    let t = std::time::Instant::now();
+    let o = f.ask("idx", &f.s("llama"), &words, &[]);
+    let secs = t.elapsed().as_secs_f64();
+    let err = error_line(&o);
+    assert!(
+        err.contains("--question is too long for the decoder"),
+        "{err}"
+    );
+    for n in [
+        "question tokens",
+        "template tokens",
+        "--ctx_max 320",
+        "--max_new 6",
+    ] {
+        assert!(err.contains(n), "{n}: {err}");
+    }
+    assert!(err.contains("window of 512"), "{err}");
+    assert!(secs < 10.0, "took {secs:.1} s to fail");
+    // A question that fits, with a context cap that does not: the message says what would fit.
+    let err = error_line(&f.generate("idx", &["--ctx_max", "2048"]));
+    assert!(err.contains("--ctx_max 2048 leaves no room"), "{err}");
+    assert!(err.contains("or less"), "{err}");
 }
 
 #[test]

@@ -123,6 +123,8 @@ impl Fixture {
             "4",
             "--max_new",
             "3",
+            "--ctx_max", // the tiny decoder holds 512 positions
+            "320",
             "--quiet",
             "--device",
             "cpu",

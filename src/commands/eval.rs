@@ -14,13 +14,13 @@ use serde_json::json;
 use crate::checkpoint::RefragConfig;
 use crate::chunk_cache::ChunkCache;
 use crate::cli::{EvalArgs, EvalMode, SelectMode};
-use crate::commands::generate::{open_pipeline, validate_compress};
+use crate::commands::generate::{decoder_limits, open_pipeline, validate_compress};
 use crate::corpus::QaPair;
 use crate::eval::{self, mean, median};
 use crate::pipeline::{Generated, Passage, Prepared, Refrag, StageTimes};
 use crate::retrieve::Retriever;
 use crate::sample::Sampler;
-use crate::{device, jsonio, progress};
+use crate::{device, jsonio, limits, progress};
 
 /// One mode's answer to one question.
 #[derive(Debug, Clone, Serialize)]
@@ -103,6 +103,25 @@ fn validate(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// Every question non-empty and within the decoder's window with `--ctx_max` and `--max_new`,
+/// checked with the decoder's tokenizer alone, before any model loads.
+fn check_questions(a: &EvalArgs, qas: &[QaPair]) -> Result<()> {
+    let (dtok, window) = decoder_limits(&a.models, &a.compress)?;
+    for qa in qas {
+        let what = format!("--rag_json {} question {}", a.rag_json.display(), qa.id);
+        limits::check_question(&qa.question, &what)?;
+        limits::Budget::new(
+            &dtok,
+            &qa.question,
+            a.retrieve.topk,
+            a.compress.ctx_max,
+            a.max_new,
+        )?
+        .check(window, &what)?;
+    }
+    Ok(())
+}
+
 /// The modes to run: `--modes` as given (policy only with a trained policy), else all of them,
 /// with policy when `--load_dir` holds one.
 fn resolve_modes(asked: &[EvalMode], have_policy: bool) -> Result<Vec<EvalMode>> {
@@ -138,6 +157,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     };
     let mut qas: Vec<QaPair> = crate::corpus::read_qa(&a.rag_json)?;
     qas.truncate(a.limit.unwrap_or(usize::MAX));
+    check_questions(a, &qas)?;
     let load_dir = a.compress.load_dir.as_deref();
     let trained = load_dir.map(RefragConfig::read).transpose()?;
     let modes = resolve_modes(&a.modes, trained.is_some_and(|c| c.has("policy")))?;

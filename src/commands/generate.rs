@@ -10,11 +10,12 @@ use crate::chunk_cache::ChunkCache;
 use crate::cli::{
     CompressArgs, EmbedModelArg, EncDecArgs, GenerateArgs, RetrievalMode, RetrieveArgs, RuntimeArgs,
 };
+use crate::decoder::DecoderTokenizer;
 use crate::hub::{self, Role};
 use crate::pipeline::{Passage, Refrag, StageTimes};
 use crate::retrieve::Retriever;
 use crate::sample::Sampler;
-use crate::{device, select};
+use crate::{device, limits, select};
 use candle_core::Device;
 
 /// Check the compression flags before any model loads.
@@ -59,6 +60,12 @@ pub fn decoder_arg(dec: Option<&str>, load_dir: Option<&std::path::Path>) -> Res
         ));
     }
     Ok(hub::model_arg(None, Role::Decoder))
+}
+
+/// The decoder's tokenizer and window, for the limits checked before any model loads.
+pub fn decoder_limits(models: &EncDecArgs, c: &CompressArgs) -> Result<(DecoderTokenizer, usize)> {
+    let load_dir = c.load_dir.as_deref();
+    limits::decoder_window(&decoder_arg(models.dec.as_deref(), load_dir)?, load_dir)
 }
 
 /// The index's chunk cache when it was built for this encoder, decoder and k; else `None`, with
@@ -123,7 +130,14 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     if a.retrieve.topk == 0 {
         bail!("--topk must be at least 1");
     }
+    limits::check_question(&a.question, "--question")?;
+    if a.max_new == 0 {
+        bail!("--max_new must be at least 1");
+    }
     let c = &with_weights(&a.compress, &a.models)?;
+    let (dtok, window) = decoder_limits(&a.models, c)?;
+    limits::Budget::new(&dtok, &a.question, a.retrieve.topk, c.ctx_max, a.max_new)?
+        .check(window, "--question")?;
     let (dev, retriever, dec, refrag, cache) =
         open_pipeline(&a.retrieve, &a.embed, &a.models, c, &a.runtime)?;
     let mode = select::resolve_mode(c.select, c.heuristic, refrag.policy.is_some());
