@@ -21,6 +21,7 @@ pub mod hub;
 pub mod index;
 pub mod jsonio;
 pub mod limits;
+pub mod lock;
 pub mod pipeline;
 pub mod policy;
 pub mod progress;

@@ -266,6 +266,28 @@ fn blank_corpus_lines_are_skipped_and_counted_unless_strict() {
 }
 
 #[test]
+fn a_second_writer_of_an_index_dir_is_refused() {
+    let f = Fixture::new();
+    let held = refrag::lock::DirLock::acquire(&f.path("idx"), "--index_dir").unwrap();
+    let pid = format!("pid {}", std::process::id());
+    for extra in [&[][..], &["--force"][..]] {
+        let o = f.index("corpus.txt", "idx", extra);
+        assert_one_line_error(
+            &o,
+            &["--index_dir", &f.s("idx"), "another refrag process", &pid],
+        );
+    }
+    assert!(!f.path("idx").exists());
+    drop(held);
+    let o = f.index("corpus.txt", "idx", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The lock file goes with the writer: nothing is left beside the index.
+    assert!(!f.path(".idx.lock").exists());
+    let o = f.index("corpus.txt", "idx", &["--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
 fn another_embedding_model_at_search_is_refused() {
     let f = Fixture::new();
     assert!(f.index("corpus.txt", "idx", &[]).status.success());

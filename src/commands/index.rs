@@ -3,7 +3,9 @@
 //! Everything is checked before any work (the target directory, the corpus, the model, the FAISS
 //! factory string and whether there are enough passages to train it); the directory is built in a
 //! staging directory beside `--index_dir` and renamed into place only when complete. Stages added
-//! later (the chunk cache) write into the same staging directory before the commit.
+//! later (the chunk cache) write into the same staging directory before the commit. One writer at
+//! a time: a second `index` into the same `--index_dir` is refused while the first runs
+//! ([`crate::lock`]).
 
 use std::time::Instant;
 
@@ -21,6 +23,8 @@ pub fn run(args: &IndexArgs) -> Result<()> {
         bail!("--batch_size must be at least 1");
     }
     let cache_k = chunk_cache_k(args)?;
+    // Held until the staging directory is renamed into place (dropped at the end of `run`).
+    let _lock = crate::lock::DirLock::acquire(&args.index_dir, "--index_dir")?;
     index::check_target(&args.index_dir, args.force)?;
     let passages = crate::jsonio::read_corpus(&args.corpus, args.strict)?;
     let model_arg = hub::model_arg(args.embed.embed_model.as_deref(), Role::Embedder);

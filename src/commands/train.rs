@@ -79,6 +79,7 @@ fn out_dir_and_resume(t: &TrainArgs, stage: &str) -> Result<(PathBuf, Option<Tra
         .out_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(stage));
+    crate::lock::hold_until_exit(&dir, "--out_dir")?;
     let state = parts::read_state(&dir)?;
     let has_ckpt = dir.join("config.json").is_file();
     match (t.resume, state) {
