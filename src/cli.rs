@@ -377,6 +377,10 @@ pub struct TrainPolicyArgs {
     /// Expansion sets sampled per question (their mean reward is the baseline).
     #[arg(long, default_value_t = 4)]
     pub group: usize,
+    /// First steps that fit the policy to the chunks holding the gold answer (supervised, no
+    /// decoder pass) before REINFORCE takes over.
+    #[arg(long = "warm_start", alias = "warm-start", default_value_t = 0)]
+    pub warm_start: usize,
     #[command(flatten)]
     pub train: TrainArgs,
     #[command(flatten)]

@@ -103,7 +103,8 @@ fn normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&norm)
 }
 
-fn log_sum_exp(x: &Tensor) -> Result<Tensor> {
+/// `log(sum(exp(x)))` of a vector, stably.
+pub fn log_sum_exp(x: &Tensor) -> Result<Tensor> {
     let max = x.max(0)?;
     x.broadcast_sub(&max)?.exp()?.sum(0)?.log()? + max
 }

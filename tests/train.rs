@@ -24,9 +24,9 @@ use refrag::train::encoder::{ProjectorInit, TrainEncoder};
 use refrag::train::optim::{AdamW, AdamWConfig};
 use refrag::train::parts::{self, Checkpoint, TrainDecoder};
 use refrag::train::policy::{
-    init_policy_vars, order_mask, policy_over, reinforce_loss, sample_order,
+    answer_mass_loss, init_policy_vars, order_mask, policy_over, reinforce_loss, sample_order,
 };
-use refrag::train::qa::{QaData, QaLayoutArgs};
+use refrag::train::qa::{answer_chunks, qa_layout, QaData, QaLayoutArgs};
 use refrag::train::run::{self, LoopConfig, Micro, Outcome, Task};
 use refrag::train::schedule::{step_rng, Curriculum, LrSchedule};
 use refrag::train::seq::Seq;
@@ -453,4 +453,73 @@ fn cpt_data_clips_splits_and_holds_out_the_last_items() {
         .err()
         .unwrap();
     assert!(format!("{e:#}").contains("--eval_items 2 leaves no training item"));
+}
+
+#[test]
+fn answer_chunks_mark_every_chunk_an_answer_touches_in_its_own_passage() {
+    let f = Fixture::new();
+    let tok = f.decoder(parts::DecoderTraining::Frozen).tok;
+    let passages = vec![
+        "the river runs north past the old mill to the sea".to_string(),
+        "nothing here mentions it".to_string(),
+    ];
+    let layout = qa_layout(&tok, "where does the river run?", &passages, 4, 1000).unwrap();
+    let answers = vec!["Old Mill".to_string()];
+    let gold = answer_chunks(&tok, &layout, &answers).unwrap();
+    assert_eq!(gold.len(), layout.chunks.len());
+    // Every marked chunk is in passage 0 and its text overlaps "old mill"; at least one is.
+    let text = |i: usize| tok.decode(&layout.chunks[i].tokens).unwrap();
+    assert!(gold.iter().any(|&g| g));
+    for (i, &g) in gold.iter().enumerate() {
+        let c = &layout.chunks[i];
+        if g {
+            assert_eq!(c.passage, 0, "chunk {i} {:?}", text(i));
+        }
+    }
+    let joined: String = (0..layout.chunks.len())
+        .filter(|&i| gold[i])
+        .map(text)
+        .collect();
+    assert!(joined.to_lowercase().contains("old mill"), "{joined:?}");
+    // No answer in the passages: nothing marked.
+    let none = answer_chunks(&tok, &layout, &["zebra".to_string()]).unwrap();
+    assert!(none.iter().all(|&g| !g));
+}
+
+#[test]
+fn warm_start_loss_raises_the_mass_on_answer_chunks() {
+    let d = dev();
+    let cfg = PolicyConfig { d: 16, hidden: 8 };
+    let vars = VarMap::new();
+    init_policy_vars(&vars, &cfg, 2, &d).unwrap();
+    let policy = policy_over(&vars, &cfg, &d).unwrap();
+    let chunks = Tensor::randn(0f32, 1.0, (6, 16), &d).unwrap();
+    let q = Tensor::randn(0f32, 1.0, 16, &d).unwrap();
+    let pos = Tensor::randn(0f32, 1.0, (6, refrag::policy::POSITION_FEATURES), &d).unwrap();
+    let gold = [false, false, true, false, true, false];
+    let scores = |p: &Policy| p.scores(&chunks, &q, &pos).unwrap();
+    assert!(answer_mass_loss(&scores(&policy), &[false; 6])
+        .unwrap()
+        .is_none());
+    assert!(answer_mass_loss(&scores(&policy), &[true; 6])
+        .unwrap()
+        .is_none());
+    let before = answer_mass_loss(&scores(&policy), &gold).unwrap().unwrap();
+    // The loss is -log of the softmax mass on the gold chunks.
+    let s: Vec<f32> = scores(&policy).to_vec1().unwrap();
+    let z: f32 = s.iter().map(|x| x.exp()).sum();
+    let mass = (s[2].exp() + s[4].exp()) / z;
+    assert!((before.to_scalar::<f32>().unwrap() + mass.ln()).abs() < 1e-4);
+    let group = refrag::train::optim::Group {
+        name: "policy".into(),
+        vars: refrag::train::vars::named_vars(&vars),
+        lr_scale: 1.0,
+    };
+    let mut opt = AdamW::new(vec![group], AdamWConfig::default()).unwrap();
+    let mut acc = opt.zero_grads();
+    opt.accumulate(&mut acc, &before.backward().unwrap(), 1.0)
+        .unwrap();
+    opt.step(&acc, 1e-2, 0.0).unwrap();
+    let after = answer_mass_loss(&scores(&policy), &gold).unwrap().unwrap();
+    assert!(after.to_scalar::<f32>().unwrap() < before.to_scalar::<f32>().unwrap());
 }

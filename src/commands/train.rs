@@ -569,6 +569,8 @@ pub fn run_policy(a: &TrainPolicyArgs) -> Result<()> {
         group: a.group,
         load_dir: start,
         encoder_model: src.enc.clone(),
+        warm_start: a.warm_start,
+        step: 0,
     };
     let cfg = loop_config(
         &a.train,

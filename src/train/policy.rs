@@ -7,6 +7,12 @@
 //! group's standard deviation (GRPO). The loss is `-mean(advantage * log P(order))`, the
 //! log-probability of exactly the sampled sequence. Only the policy trains: encoder, projector
 //! and decoder are the inference pipeline's own ([`Refrag`]).
+//!
+//! REINFORCE from a random policy needs many decoder passes per question before the scores mean
+//! anything, which a CPU cannot afford; `--warm_start N` first fits the policy for N steps to
+//! the chunks that hold the gold answer ([`answer_chunks`], training questions only): the loss
+//! is `-log` of the softmax mass on those chunks, and a step needs no decoder pass at all.
+//! REINFORCE then refines what the decoder actually reads best.
 
 use std::path::PathBuf;
 
@@ -19,12 +25,12 @@ use serde_json::{json, Value};
 
 use super::optim::Group;
 use super::parts::{Checkpoint, ConfigFields};
-use super::qa::{answer_seq, qa_layout, QaData, QaLayoutArgs};
+use super::qa::{answer_chunks, answer_seq, qa_layout, QaData, QaLayoutArgs};
 use super::run::{Micro, Stats, Task};
 use super::seq::{forward_with_tables, weighted_mean, Seq};
 use super::vars::named_vars;
 use crate::pipeline::{Prepared, Refrag};
-use crate::policy::{Policy, PolicyConfig};
+use crate::policy::{log_sum_exp, Policy, PolicyConfig};
 use crate::projector::uniform;
 use crate::prompt::PromptLayout;
 use crate::retrieve::Retrieve;
@@ -105,6 +111,31 @@ pub fn reinforce_loss(scores: &Tensor, orders: &[Vec<usize>], adv: &[f64]) -> Re
     Ok((loss / orders.len().max(1) as f64)?)
 }
 
+/// The warm start's loss: `-log` of the softmax mass of `scores` `(L,)` on the `gold` chunks;
+/// `None` when no chunk or every chunk is gold (nothing to learn).
+pub fn answer_mass_loss(scores: &Tensor, gold: &[bool]) -> Result<Option<Tensor>> {
+    let pos: Vec<u32> = (0..gold.len() as u32)
+        .filter(|&i| gold[i as usize])
+        .collect();
+    if pos.is_empty() || pos.len() == gold.len() {
+        return Ok(None);
+    }
+    let idx = Tensor::new(pos.as_slice(), scores.device())?;
+    let on_gold = log_sum_exp(&scores.index_select(&idx, 0)?)?;
+    Ok(Some((log_sum_exp(scores)? - on_gold)?))
+}
+
+/// Of the questions with an answer chunk, the fraction whose `mask` expands at least one, and
+/// the fraction of all answer chunks it expands.
+fn answer_hits(mask: &[bool], gold: &[bool]) -> (f64, f64) {
+    let total = gold.iter().filter(|&&g| g).count();
+    let hit = mask.iter().zip(gold).filter(|(&m, &g)| m && g).count();
+    (
+        f64::from(u8::from(hit > 0)),
+        hit as f64 / total.max(1) as f64,
+    )
+}
+
 /// A policy-training run.
 pub struct PolicyTask {
     pub refrag: Refrag,
@@ -119,6 +150,10 @@ pub struct PolicyTask {
     /// Where the frozen encoder / trained decoder came from (copied into checkpoints).
     pub load_dir: Option<PathBuf>,
     pub encoder_model: String,
+    /// Steps of the supervised warm start (see the module docs).
+    pub warm_start: usize,
+    /// The current step.
+    pub step: usize,
 }
 
 /// One question's layout and chunk embeddings.
@@ -198,6 +233,14 @@ impl PolicyTask {
         let scores = self
             .policy
             .scores(&qn.embeds, &qn.question, &qn.positions)?;
+        if self.step < self.warm_start {
+            let gold = answer_chunks(&self.refrag.dtok, &qn.layout, &self.data.pairs[i].answers)?;
+            let loss = answer_mass_loss(&scores, &gold)?;
+            if let Some(l) = &loss {
+                stats.note("answer_mass", (-l.to_scalar::<f32>()? as f64).exp());
+            }
+            return Ok(loss);
+        }
         let s: Vec<f32> = scores.to_vec1()?;
         let orders: Vec<Vec<usize>> = (0..self.group).map(|_| sample_order(&s, n, rng)).collect();
         let masks = orders.iter().map(|o| order_mask(o, l)).collect();
@@ -230,6 +273,11 @@ impl Task for PolicyTask {
         self.data.train.len()
     }
 
+    fn begin_step(&mut self, step: usize, _total: usize, _rng: &mut ChaCha8Rng) -> Result<()> {
+        self.step = step;
+        Ok(())
+    }
+
     fn micro(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Micro>> {
         let mut stats = Stats::default();
         let mut losses = Vec::new();
@@ -251,6 +299,9 @@ impl Task for PolicyTask {
         let names = ["policy", "heuristic", "random", "none_p0", "all_p1"];
         let mut sums = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         let mut counts = Vec::new();
+        // Answer-chunk hits (any, recall) per selection, over questions with an answer chunk.
+        let mut hits = [(0.0, 0.0); 5];
+        let mut with_gold = 0usize;
         for i in self.data.eval.clone() {
             let qn = self.question(i)?;
             let l = qn.layout.chunks.len();
@@ -270,6 +321,15 @@ impl Task for PolicyTask {
                 vec![false; l],
                 vec![true; l],
             ];
+            let gold = answer_chunks(&self.refrag.dtok, &qn.layout, &self.data.pairs[i].answers)?;
+            if gold.iter().any(|&g| g) {
+                with_gold += 1;
+                for (h, m) in hits.iter_mut().zip(&masks) {
+                    let (any, recall) = answer_hits(m, &gold);
+                    h.0 += any;
+                    h.1 += recall;
+                }
+            }
             let r = self.rewards(i, &qn, masks)?;
             for (k, v) in r.into_iter().enumerate() {
                 sums[k].push(-v);
@@ -281,12 +341,16 @@ impl Task for PolicyTask {
             counts.push(answer.len() + 1);
         }
         let mut out = serde_json::Map::new();
-        for (name, nll) in names.iter().zip(&sums) {
+        let q = with_gold.max(1) as f64;
+        for ((name, nll), h) in names.iter().zip(&sums).zip(hits) {
             out.insert(
                 format!("answer_loglik_{name}"),
                 json!(-weighted_mean(nll, &counts)),
             );
+            out.insert(format!("answer_chunk_hit_{name}"), json!(h.0 / q));
+            out.insert(format!("answer_chunk_recall_{name}"), json!(h.1 / q));
         }
+        out.insert("questions_with_answer_chunk".into(), json!(with_gold));
         out.insert("p".into(), json!(self.p));
         Ok(Value::Object(out))
     }

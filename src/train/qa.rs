@@ -151,6 +151,47 @@ pub fn end_token(dtok: &DecoderTokenizer) -> Result<u32> {
     }
 }
 
+/// Which chunks of `layout` hold (part of) one of `answers`, matched case-insensitively inside
+/// each passage (the passage's chunks decoded and joined, so an answer that straddles two chunks
+/// marks both). The supervised target of the policy's warm start and of its answer-chunk recall.
+pub fn answer_chunks(
+    dtok: &DecoderTokenizer,
+    layout: &PromptLayout,
+    answers: &[String],
+) -> Result<Vec<bool>> {
+    let mut hit = vec![false; layout.chunks.len()];
+    let mut start = 0;
+    while start < layout.chunks.len() {
+        let passage = layout.chunks[start].passage;
+        let end = (start..layout.chunks.len())
+            .find(|&i| layout.chunks[i].passage != passage)
+            .unwrap_or(layout.chunks.len());
+        // The passage's text and where each chunk's text starts in it.
+        let (mut text, mut offsets) = (String::new(), Vec::with_capacity(end - start));
+        for c in &layout.chunks[start..end] {
+            offsets.push(text.len());
+            text.push_str(&dtok.decode(&c.tokens)?.to_lowercase());
+        }
+        offsets.push(text.len());
+        for ans in answers {
+            let ans = ans.trim().to_lowercase();
+            if ans.is_empty() {
+                continue;
+            }
+            for (at, _) in text.match_indices(ans.as_str()) {
+                let span = at..at + ans.len();
+                for j in 0..end - start {
+                    if offsets[j] < span.end && span.start < offsets[j + 1] {
+                        hit[start + j] = true;
+                    }
+                }
+            }
+        }
+        start = end;
+    }
+    Ok(hit)
+}
+
 /// The training sequence of pair `pair` over its layout with expansion `mask`.
 pub fn answer_seq(
     dtok: &DecoderTokenizer,
