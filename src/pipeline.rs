@@ -77,10 +77,13 @@ pub struct Generated {
     pub answer: String,
     pub tokens: Vec<u32>,
     pub times: StageTimes,
-    /// Mean seconds per token after the first.
+    /// Mean seconds per decoding forward pass (each after the prefill), 0 when there was none.
     pub ttit: f64,
-    /// Tokens after the first per second of decoding.
+    /// Decoding forward passes per second.
     pub throughput: f64,
+    /// Decoding forward passes after the prefill: one per token after the first, plus the one
+    /// that produced the end-of-sequence token when decoding stopped there.
+    pub decode_forwards: usize,
     pub positions: usize,
     pub positions_full: usize,
 }
@@ -387,6 +390,7 @@ impl Refrag {
         let mut tok = sampler.sample(&logits)?;
         times.prefill += t.elapsed().as_secs_f64();
         let mut tokens = Vec::new();
+        let mut forwards = 0usize;
         let t = Instant::now();
         while !self.dtok.is_eos(tok) && tokens.len() < max_new {
             tokens.push(tok);
@@ -397,16 +401,24 @@ impl Refrag {
             let logits = self
                 .decoder
                 .forward_ids(&ids, Some(&mut kv), Logits::Last)?;
+            forwards += 1;
             tok = sampler.sample(&logits)?;
         }
         let decode = t.elapsed().as_secs_f64();
-        let later = tokens.len().saturating_sub(1).max(1) as f64;
+        // Time per forward pass actually run: when decoding stops at EOS, the pass that
+        // produced it counts too (dividing by tokens - 1 overstated TTIT for short answers).
+        let per = forwards.max(1) as f64;
         Ok(Generated {
             answer: self.dtok.decode(&tokens)?.trim().to_string(),
             tokens,
             times,
-            ttit: decode / later,
-            throughput: if decode > 0.0 { later / decode } else { 0.0 },
+            ttit: if forwards > 0 { decode / per } else { 0.0 },
+            throughput: if decode > 0.0 && forwards > 0 {
+                forwards as f64 / decode
+            } else {
+                0.0
+            },
+            decode_forwards: forwards,
             positions,
             positions_full: prep.layout.num_positions(&vec![true; mask.len()]),
         })

@@ -248,6 +248,16 @@ fn generate_cli_full_context_and_compressed() {
     for key in ["TTFT_sec", "TTIT_avg_sec", "throughput_tok_per_sec"] {
         assert!(comp[key].is_number(), "{key}");
     }
+    // TTIT is per decoding forward pass: one per token after the first, plus the pass that
+    // produced EOS when decoding stopped before --max_new (6 in this fixture).
+    for g in [&full, &comp] {
+        let (n, fw) = (
+            g["answer_tokens"].as_u64().unwrap(),
+            g["decode_forwards"].as_u64().unwrap(),
+        );
+        let expect = if n == 6 { n - 1 } else { n };
+        assert_eq!(fw, expect, "{g}");
+    }
     for stage in [
         "retrieval",
         "encoding",

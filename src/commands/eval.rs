@@ -367,7 +367,7 @@ fn mode_answer(
         em: eval::exact_match(&g.answer, &qa.answers),
         f1: eval::best_f1(&g.answer, &qa.answers),
         ttft: g.times.ttft(),
-        ttit: (g.tokens.len() >= 2).then_some(g.ttit),
+        ttit: (g.decode_forwards > 0).then_some(g.ttit),
         tokens: g.tokens.len(),
         positions: g.positions,
         expanded,

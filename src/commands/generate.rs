@@ -175,6 +175,8 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         "TTFT_sec": g.times.ttft(),
         "TTIT_avg_sec": g.ttit,
         "throughput_tok_per_sec": g.throughput,
+        "answer_tokens": g.tokens.len(),
+        "decode_forwards": g.decode_forwards,
         "ttft_breakdown_sec": g.times,
         "positions": g.positions,
         "positions_full": g.positions_full,
