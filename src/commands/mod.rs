@@ -9,6 +9,7 @@ pub mod eval;
 pub mod generate;
 pub mod index;
 pub mod make_corpus;
+pub mod questions;
 pub mod search;
 pub mod train;
 
