@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 /// REFRAG-style retrieval-augmented generation: compress, sense/select, expand.
 #[derive(Debug, Parser)]
@@ -214,12 +214,21 @@ pub struct IndexArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("ask").required(true).args(["question", "questions"])))]
 pub struct SearchArgs {
     #[command(flatten)]
     pub retrieve: RetrieveArgs,
     /// The query.
     #[arg(long)]
-    pub question: String,
+    pub question: Option<String>,
+    /// Many queries, the index loaded once: JSONL (.jsonl/.json: `question`, optional `id`) or
+    /// plain text, one question per line; prints one JSON object per question and line.
+    #[arg(long)]
+    pub questions: Option<PathBuf>,
+    /// Write the --questions output to this file (atomically: a temporary file renamed at the
+    /// end) instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     #[command(flatten)]
     pub embed: EmbedModelArg,
     #[command(flatten)]
@@ -227,12 +236,21 @@ pub struct SearchArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("ask").required(true).args(["question", "questions"])))]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub retrieve: RetrieveArgs,
     /// The question to answer.
     #[arg(long)]
-    pub question: String,
+    pub question: Option<String>,
+    /// Many questions, the models loaded once: JSONL (.jsonl/.json: `question`, optional `id`)
+    /// or plain text, one question per line; prints one JSON object per question and line.
+    #[arg(long)]
+    pub questions: Option<PathBuf>,
+    /// Write the --questions output to this file (atomically: a temporary file renamed at the
+    /// end) instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     #[command(flatten)]
     pub embed: EmbedModelArg,
     #[command(flatten)]

@@ -66,7 +66,7 @@ fn seed_values_reach_the_structs() {
     assert_eq!(g.compress.ctx_max, 1024);
     assert_eq!(g.max_new, 128);
     assert_eq!(g.models.dec.as_deref(), Some("meta-llama/Llama-3.2-3B"));
-    assert_eq!(g.question, "Who discovered penicillin?");
+    assert_eq!(g.question.as_deref(), Some("Who discovered penicillin?"));
 }
 
 #[test]

@@ -405,3 +405,95 @@ fn staging_exists(dir: &Path) -> bool {
             .starts_with(".idx.building-")
     })
 }
+
+#[test]
+fn search_questions_file_equals_single_searches() {
+    let f = Fixture::new();
+    assert!(f.index("corpus.txt", "idx", &[]).status.success());
+    let qs = [
+        "Which river flows through City_7?",
+        "Alloy_10 melting point",
+    ];
+    std::fs::write(f.path("q.txt"), format!("{}\n\n  \n{}\n", qs[0], qs[1])).unwrap();
+    let (i, q) = (f.s("idx"), f.s("q.txt"));
+    for mode in ["lexical", "hybrid"] {
+        let o = refrag(&[
+            "search",
+            "--index_dir",
+            &i,
+            "--questions",
+            &q,
+            "--retrieval",
+            mode,
+            "--topk",
+            "4",
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("skipped 2 blank lines in"),
+            "{}",
+            stderr(&o)
+        );
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let got: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(got.len(), 2, "{text}");
+        for ((g, question), line) in got.iter().zip(qs).zip([1, 4]) {
+            assert_eq!(g["id"], line.to_string());
+            assert_eq!(g["line"], line);
+            let mut one = json(&f.search("idx", question, &["--retrieval", mode, "--topk", "4"]));
+            let one = one.as_object_mut().unwrap();
+            one.insert("id".into(), line.to_string().into());
+            one.insert("line".into(), line.into());
+            assert_eq!(g, &Value::Object(one.clone()), "{mode}: {question}");
+        }
+    }
+    // JSONL with ids, into --out (atomically: the old file stays until the run ends).
+    std::fs::write(
+        f.path("q.jsonl"),
+        format!("{{\"id\":\"c7\",\"question\":\"{}\"}}\n", qs[0]),
+    )
+    .unwrap();
+    std::fs::write(f.path("hits.jsonl"), "old\n").unwrap();
+    let (qj, out) = (f.s("q.jsonl"), f.s("hits.jsonl"));
+    let o = refrag(&[
+        "search",
+        "--index_dir",
+        &i,
+        "--questions",
+        &qj,
+        "--out",
+        &out,
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+    let line: Value =
+        serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim_end()).unwrap();
+    assert_eq!(line["id"], "c7");
+    assert!(city7_kept(&line), "{line}");
+}
+
+#[test]
+fn search_questions_refused_with_question_or_a_bad_line() {
+    let f = Fixture::new();
+    std::fs::write(f.path("q.txt"), "City_7\n").unwrap();
+    let q = f.s("q.txt");
+    let o = f.search("idx", "City_7", &["--questions", &q]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = refrag(&["search", "--index_dir", &f.s("idx")]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // A bad line fails before the (missing) index is opened, naming the file and line.
+    std::fs::write(
+        f.path("q.jsonl"),
+        "{\"question\":\"City_7\"}\n{\"question\":\"\"}\n",
+    )
+    .unwrap();
+    let qj = f.s("q.jsonl");
+    let o = refrag(&["search", "--index_dir", &f.s("idx"), "--questions", &qj]);
+    assert_one_line_error(&o, &["q.jsonl:2: question is empty"]);
+    assert!(!stderr(&o).contains("does not exist"), "{}", stderr(&o));
+}

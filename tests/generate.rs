@@ -85,6 +85,16 @@ impl Fixture {
     }
 
     fn ask(&self, index: &str, dec: &str, question: &str, extra: &[&str]) -> Output {
+        self.generate_args(index, dec, &["--question", question], extra)
+    }
+
+    /// `generate --questions FILE` (a path relative to the fixture) with the tiny models.
+    fn ask_many(&self, index: &str, file: &str, extra: &[&str]) -> Output {
+        let file = self.s(file);
+        self.generate_args(index, &self.s("llama"), &["--questions", &file], extra)
+    }
+
+    fn generate_args(&self, index: &str, dec: &str, ask: &[&str], extra: &[&str]) -> Output {
         let mut args: Vec<String> = [
             "generate",
             "--index_dir",
@@ -95,13 +105,12 @@ impl Fixture {
             &self.s("bert"),
             "--dec",
             dec,
-            "--question",
-            question,
             "--topk",
             "3",
         ]
         .map(String::from)
         .to_vec();
+        args.extend(ask.iter().map(|s| s.to_string()));
         args.extend(extra.iter().map(|s| s.to_string()));
         // Defaults unless `extra` sets them; the tiny decoder holds 512 positions, so the
         // default --ctx_max 2048 would not fit.
@@ -428,5 +437,244 @@ fn batched_chunk_scores_equal_one_by_one() {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
             assert!(*a > 0.0, "a chunk's mean NLL is positive");
         }
+    }
+}
+
+/// The JSON lines of a `--questions` run's stdout.
+fn lines(o: &Output) -> Vec<Value> {
+    assert!(
+        o.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+/// `sources` agrees with `meta`: one per retrieved passage in rank order, with its id, and the
+/// passages' chunk ranges tile `meta.expand_mask` in order, their expanded chunks being exactly
+/// the mask's `true` entries.
+fn assert_sources_match_the_mask(g: &Value) {
+    let sources = g["sources"].as_array().expect("sources");
+    let ids = g["meta"]["passage_ids"].as_array().unwrap();
+    let mask: Vec<bool> = g["meta"]["expand_mask"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_bool().unwrap())
+        .collect();
+    assert_eq!(sources.len(), ids.len(), "{g}");
+    let mut at = 0;
+    let mut expanded = 0;
+    for (i, s) in sources.iter().enumerate() {
+        assert_eq!(s["rank"], i + 1);
+        assert_eq!(&s["id"], &ids[i]);
+        assert!(s["score"].is_number(), "{s}");
+        let u = |k: &str| s[k].as_u64().unwrap() as usize;
+        let range = [
+            s["chunk_range"][0].as_u64().unwrap() as usize,
+            s["chunk_range"][1].as_u64().unwrap() as usize,
+        ];
+        assert_eq!(range[0], at, "chunk ranges tile the mask: {s}");
+        assert_eq!(range[1] - range[0], u("chunks"));
+        let want: Vec<usize> = (range[0]..range[1])
+            .filter(|&j| mask[j])
+            .map(|j| j - range[0])
+            .collect();
+        let got: Vec<usize> = s["expanded_chunks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(got, want, "{s}");
+        assert_eq!(u("expanded"), want.len());
+        assert_eq!(u("expanded") + u("compressed"), u("chunks"));
+        expanded += want.len();
+        at = range[1];
+    }
+    assert_eq!(at, mask.len(), "every chunk belongs to a passage");
+    assert_eq!(g["meta"]["expanded"], expanded);
+}
+
+const QUESTIONS: [&str; 3] = [
+    "Which river flows through City_10007?",
+    "What is the melting point of Alloy_10102?",
+    "Where is Person_10203 affiliated?",
+];
+
+#[test]
+fn questions_file_equals_single_generate_calls() {
+    let f = Fixture::new();
+    assert!(f.index("idx", None).status.success());
+    // Sampling, so that equal answers show each question starts from --seed afresh.
+    let args = ["--p", "0.25", "--temperature", "1.5", "--seed", "11"];
+    std::fs::write(
+        f.path("q.jsonl"),
+        format!(
+            "{{\"id\":\"river\",\"question\":\"{}\",\"answers\":[\"x\"]}}\n\n{{\"question\":\"{}\"}}\n{{\"id\":7,\"question\":\"{}\"}}\n",
+            QUESTIONS[0], QUESTIONS[1], QUESTIONS[2]
+        ),
+    )
+    .unwrap();
+    let o = f.ask_many("idx", "q.jsonl", &args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(err.contains("skipped 1 blank line in"), "{err}");
+    let got = lines(&o);
+    assert_eq!(got.len(), 3);
+    let ids: Vec<(&str, u64)> = got
+        .iter()
+        .map(|g| (g["id"].as_str().unwrap(), g["line"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(ids, vec![("river", 1), ("3", 3), ("7", 4)]);
+    for (g, q) in got.iter().zip(QUESTIONS) {
+        let one = json(&f.ask("idx", &f.s("llama"), q, &args));
+        assert_eq!(g["question"], q);
+        for key in [
+            "answer",
+            "passages",
+            "sources",
+            "positions",
+            "positions_full",
+        ] {
+            assert_eq!(g[key], one[key], "{q}: {key}");
+        }
+        for key in ["expand_mask", "passage_ids", "select", "expanded"] {
+            assert_eq!(g["meta"][key], one["meta"][key], "{q}: {key}");
+        }
+        // Every key of the single-question output is on the line.
+        for key in one.as_object().unwrap().keys() {
+            assert!(g.get(key).is_some(), "{key} missing");
+        }
+        assert_sources_match_the_mask(g);
+    }
+    // Plain text, one question per line, into --out: nothing on stdout, the file in place.
+    std::fs::write(
+        f.path("q.txt"),
+        format!("{}\n{}\n", QUESTIONS[1], QUESTIONS[0]),
+    )
+    .unwrap();
+    let out = f.s("answers.jsonl");
+    let o = f.ask_many("idx", "q.txt", &[&args[..], &["--out", &out]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.stdout.is_empty());
+    let text = std::fs::read_to_string(&out).unwrap();
+    let from_file: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(from_file.len(), 2);
+    assert_eq!(
+        (&from_file[0]["id"], &from_file[1]["id"]),
+        (&"1".into(), &"2".into())
+    );
+    assert_eq!(from_file[0]["answer"], got[1]["answer"]);
+    assert_eq!(from_file[1]["answer"], got[0]["answer"]);
+    let leftovers: Vec<_> = std::fs::read_dir(f.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn sources_say_which_chunks_of_each_passage_were_expanded() {
+    let f = Fixture::new();
+    assert!(f.index("idx", None).status.success());
+    for extra in [
+        &["--p", "0.5", "--k", "4"][..],
+        &["--p", "1"][..],
+        &["--p", "0", "--select", "none"][..],
+        // A context cap that cuts the later passages off: they are sources with no chunks.
+        &["--p", "0.25", "--k", "8", "--ctx_max", "40"][..],
+    ] {
+        let g = json(&f.generate("idx", extra));
+        assert_sources_match_the_mask(&g);
+        let sources = g["sources"].as_array().unwrap();
+        assert_eq!(sources.len(), 3, "{extra:?}");
+        if extra.contains(&"40") {
+            let last = sources.last().unwrap();
+            assert_eq!(last["chunks"], 0, "{g}");
+            assert_eq!(last["expanded_chunks"], serde_json::json!([]));
+        }
+        if extra == ["--p", "1"] {
+            assert!(sources.iter().all(|s| s["compressed"] == 0));
+        }
+    }
+}
+
+#[test]
+fn question_and_questions_are_mutually_exclusive() {
+    let f = Fixture::new();
+    assert!(f.index("idx", None).status.success());
+    std::fs::write(f.path("q.txt"), "Which river?\n").unwrap();
+    let q = f.s("q.txt");
+    let o = f.generate("idx", &["--questions", &q]); // generate() also passes --question
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
+    // Neither: a usage error too.
+    let o = run(&["generate", "--index_dir", &f.s("idx")].map(String::from));
+    assert_eq!(o.status.code(), Some(2));
+    // --out belongs to --questions.
+    let err = error_line(&f.generate("idx", &["--out", &f.s("o.jsonl")]));
+    assert!(
+        err.contains("--out writes the answers of --questions"),
+        "{err}"
+    );
+    assert!(!f.path("o.jsonl").exists());
+}
+
+#[test]
+fn a_bad_question_line_fails_before_any_model_loads() {
+    let f = Fixture::new();
+    assert!(f.index("idx", None).status.success());
+    let long = vec!["river"; 20_000].join(" ");
+    std::fs::write(f.path("out.jsonl"), "old\n").unwrap();
+    let out = f.s("out.jsonl");
+    for (name, text, needle) in [
+        (
+            "empty.jsonl",
+            "{\"question\":\"Which river?\"}\n{\"id\":\"e\",\"question\":\"  \"}\n".to_string(),
+            "empty.jsonl:2: question is empty",
+        ),
+        (
+            "long.txt",
+            format!("Which river?\n\n{long}\n"),
+            "long.txt:3: question is too long for the decoder",
+        ),
+        (
+            "broken.jsonl",
+            "{\"question\":\"ok\"}\n{\"question\":\n".to_string(),
+            "broken.jsonl:2: malformed JSONL line",
+        ),
+        (
+            "noq.jsonl",
+            "{\"text\":\"ok\"}\n".to_string(),
+            "noq.jsonl:1: no \"question\" string",
+        ),
+    ] {
+        std::fs::write(f.path(name), text).unwrap();
+        // The index dir is missing: had anything loaded, the error would be about it.
+        let t = std::time::Instant::now();
+        let o = f.ask_many("missing_idx", name, &["--out", &out]);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        let lines: Vec<&str> = err.lines().filter(|l| !l.contains("skipped")).collect();
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(lines[0].contains(needle), "{needle}: {err}");
+        assert!(
+            !err.contains("refrag: device"),
+            "a model was about to load: {err}"
+        );
+        assert!(t.elapsed().as_secs_f64() < 10.0);
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "old\n");
     }
 }

@@ -1,22 +1,29 @@
 //! `refrag generate`: retrieve, chunk, compress, select, expand, prefill, decode; print one JSON
-//! object with the answer, the time to first token split by stage, and the compression achieved.
+//! object with the answer, its sources (each retrieved passage's rank, id, score and which of its
+//! chunks were expanded), the time to first token split by stage, and the compression achieved.
+//! With `--questions FILE`, the models load once and each question gets one compact line
+//! ([`super::questions`]).
 
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::chunk_cache::ChunkCache;
 use crate::cli::{
-    CompressArgs, EmbedModelArg, EncDecArgs, GenerateArgs, RetrievalMode, RetrieveArgs, RuntimeArgs,
+    CompressArgs, EmbedModelArg, EncDecArgs, GenerateArgs, RetrievalMode, RetrieveArgs,
+    RuntimeArgs, SelectMode,
 };
 use crate::decoder::DecoderTokenizer;
 use crate::hub::{self, Role};
 use crate::pipeline::{Passage, Refrag, StageTimes};
-use crate::retrieve::Retriever;
+use crate::prompt::PromptLayout;
+use crate::retrieve::{Hit, Retriever};
 use crate::sample::Sampler;
 use crate::{device, limits, select};
 use candle_core::Device;
+
+use super::questions;
 
 /// Check the compression flags before any model loads.
 pub fn validate_compress(c: &CompressArgs) -> Result<()> {
@@ -119,7 +126,8 @@ pub fn open_pipeline(
     Ok((dev, retriever, dec, refrag, cache))
 }
 
-pub fn run(a: &GenerateArgs) -> Result<()> {
+/// The flags of `generate` other than the question, checked before anything is read.
+fn check_flags(a: &GenerateArgs) -> Result<()> {
     validate_compress(&a.compress)?;
     if a.temperature < 0.0 {
         bail!("--temperature must be >= 0, got {}", a.temperature);
@@ -130,74 +138,202 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     if a.retrieve.topk == 0 {
         bail!("--topk must be at least 1");
     }
-    limits::check_question(&a.question, "--question")?;
+    Ok(())
+}
+
+/// One question non-empty and within the decoder's window; `what` names it in the error.
+fn check_one(
+    a: &GenerateArgs,
+    c: &CompressArgs,
+    (dtok, window): &(DecoderTokenizer, usize),
+    question: &str,
+    what: &str,
+) -> Result<()> {
+    limits::check_question(question, what)?;
+    limits::Budget::new(dtok, question, a.retrieve.topk, c.ctx_max, a.max_new)?.check(*window, what)
+}
+
+/// Each retrieved passage as a source of the answer: its rank, index id and score (and its
+/// ranks in the dense and BM25 lists when it is in them), and what became of its chunks: how
+/// many reached the decoder (0 when `--ctx_max` cut the passage off), which of them (0-based
+/// within the passage) were expanded and how many stayed compressed, and `chunk_range`, the
+/// indices `[start, end)` of its chunks in `meta.expand_mask`. The layout keeps the passages in
+/// retrieval order, each one's chunks contiguous.
+pub fn sources(hits: &[Hit], layout: &PromptLayout, mask: &[bool]) -> Vec<Value> {
+    let mut at = 0;
+    hits.iter()
+        .enumerate()
+        .map(|(p, h)| {
+            let start = at;
+            while at < layout.chunks.len() && layout.chunks[at].passage == p {
+                at += 1;
+            }
+            let expanded: Vec<usize> = (start..at)
+                .filter(|&i| mask[i])
+                .map(|i| i - start)
+                .collect();
+            let mut s = json!({
+                "rank": p + 1,
+                "id": h.id,
+                "score": f32_json(h.score),
+                "chunks": at - start,
+                "expanded": expanded.len(),
+                "compressed": at - start - expanded.len(),
+                "expanded_chunks": expanded,
+                "chunk_range": [start, at],
+            });
+            if let Some(r) = h.dense_rank {
+                s["dense_rank"] = r.into();
+            }
+            if let Some(r) = h.lexical_rank {
+                s["lexical_rank"] = r.into();
+            }
+            s
+        })
+        .collect()
+}
+
+/// An `f32` as the JSON number it prints as (`search` writes `0.03`, not `0.029999999329447746`).
+fn f32_json(x: f32) -> Value {
+    x.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
+
+/// The models, index and settings `generate` loads once, for one question or many.
+struct Session<'a> {
+    a: &'a GenerateArgs,
+    c: &'a CompressArgs,
+    dev: Device,
+    retriever: Retriever,
+    dec: String,
+    refrag: Refrag,
+    cache: Option<ChunkCache>,
+    mode: SelectMode,
+}
+
+impl<'a> Session<'a> {
+    fn open(a: &'a GenerateArgs, c: &'a CompressArgs) -> Result<Self> {
+        let (dev, retriever, dec, refrag, cache) =
+            open_pipeline(&a.retrieve, &a.embed, &a.models, c, &a.runtime)?;
+        let mode = select::resolve_mode(c.select, c.heuristic, refrag.policy.is_some());
+        Ok(Self {
+            a,
+            c,
+            dev,
+            retriever,
+            dec,
+            refrag,
+            cache,
+            mode,
+        })
+    }
+
+    /// Answer one question: the JSON object `generate` prints. The sampler and the random
+    /// selection start from `--seed` for every question, so an answer does not depend on the
+    /// questions before it.
+    fn answer(&self, question: &str) -> Result<Value> {
+        let (a, c, refrag, cache) = (self.a, self.c, &self.refrag, self.cache.as_ref());
+        let mut times = StageTimes::default();
+        let t = Instant::now();
+        let hits = self
+            .retriever
+            .retrieve(question, a.retrieve.topk, a.retrieve.retrieval)?;
+        times.retrieval = t.elapsed().as_secs_f64();
+        let passages: Vec<Passage> = hits
+            .iter()
+            .map(|h| Passage {
+                id: h.id,
+                text: h.text.clone(),
+            })
+            .collect();
+        let t = Instant::now();
+        let prep = refrag.prepare(question, &passages, cache, c.k, c.ctx_max)?;
+        times.tokenize = t.elapsed().as_secs_f64();
+        let (mask, embeds) =
+            refrag.select_and_embed(&prep, self.mode, c.p, a.runtime.seed, cache, &mut times)?;
+        let mut sampler = Sampler::new(a.temperature, a.top_p, a.runtime.seed);
+        let g = refrag.generate(
+            &prep,
+            &mask,
+            embeds.as_ref(),
+            a.max_new,
+            &mut sampler,
+            times,
+        )?;
+        Ok(json!({
+            "question": question,
+            "passages": hits.iter().map(|h| &h.text).collect::<Vec<_>>(),
+            "sources": sources(&hits, &prep.layout, &mask),
+            "answer": g.answer,
+            "TTFT_sec": g.times.ttft(),
+            "TTIT_avg_sec": g.ttit,
+            "throughput_tok_per_sec": g.throughput,
+            "answer_tokens": g.tokens.len(),
+            "decode_forwards": g.decode_forwards,
+            "ttft_breakdown_sec": g.times,
+            "positions": g.positions,
+            "positions_full": g.positions_full,
+            "compression": g.positions_full as f64 / g.positions.max(1) as f64,
+            "device": device::describe(&self.dev),
+            "meta": {
+                "expand_mask": mask,
+                "select": self.mode,
+                "k": c.k,
+                "p": c.p,
+                "chunks": mask.len(),
+                "expanded": mask.iter().filter(|&&m| m).count(),
+                "chunk_cache": cache.is_some(),
+                "projector_trained": refrag.encoder.trained,
+                "retrieval": a.retrieve.retrieval,
+                "passage_ids": hits.iter().map(|h| h.id).collect::<Vec<_>>(),
+                "generated_tokens": g.tokens.len(),
+                "decoder": self.dec,
+                "encoder": refrag.encoder.model_name(),
+            },
+        }))
+    }
+}
+
+pub fn run(a: &GenerateArgs) -> Result<()> {
+    check_flags(a)?;
+    if a.out.is_some() && a.questions.is_none() {
+        bail!("--out writes the answers of --questions FILE; without it the answer goes to stdout");
+    }
+    // The questions are read (and a bad line refused) before any model's file is touched.
+    let batch = match (&a.question, &a.questions) {
+        (Some(q), _) => {
+            limits::check_question(q, "--question")?;
+            None
+        }
+        (None, Some(path)) => Some((path, questions::read(path)?)),
+        (None, None) => bail!("give --question or --questions"),
+    };
     if a.max_new == 0 {
         bail!("--max_new must be at least 1");
     }
     let c = &with_weights(&a.compress, &a.models)?;
-    let (dtok, window) = decoder_limits(&a.models, c)?;
-    limits::Budget::new(&dtok, &a.question, a.retrieve.topk, c.ctx_max, a.max_new)?
-        .check(window, "--question")?;
-    let (dev, retriever, dec, refrag, cache) =
-        open_pipeline(&a.retrieve, &a.embed, &a.models, c, &a.runtime)?;
-    let mode = select::resolve_mode(c.select, c.heuristic, refrag.policy.is_some());
-
-    let mut times = StageTimes::default();
-    let t = Instant::now();
-    let hits = retriever.retrieve(&a.question, a.retrieve.topk, a.retrieve.retrieval)?;
-    times.retrieval = t.elapsed().as_secs_f64();
-    let passages: Vec<Passage> = hits
-        .iter()
-        .map(|h| Passage {
-            id: h.id,
-            text: h.text.clone(),
-        })
-        .collect();
-    let t = Instant::now();
-    let prep = refrag.prepare(&a.question, &passages, cache.as_ref(), c.k, c.ctx_max)?;
-    times.tokenize = t.elapsed().as_secs_f64();
-    let (mask, embeds) =
-        refrag.select_and_embed(&prep, mode, c.p, a.runtime.seed, cache.as_ref(), &mut times)?;
-    let mut sampler = Sampler::new(a.temperature, a.top_p, a.runtime.seed);
-    let g = refrag.generate(
-        &prep,
-        &mask,
-        embeds.as_ref(),
-        a.max_new,
-        &mut sampler,
-        times,
-    )?;
-
-    let out = json!({
-        "question": a.question,
-        "passages": hits.iter().map(|h| &h.text).collect::<Vec<_>>(),
-        "answer": g.answer,
-        "TTFT_sec": g.times.ttft(),
-        "TTIT_avg_sec": g.ttit,
-        "throughput_tok_per_sec": g.throughput,
-        "answer_tokens": g.tokens.len(),
-        "decode_forwards": g.decode_forwards,
-        "ttft_breakdown_sec": g.times,
-        "positions": g.positions,
-        "positions_full": g.positions_full,
-        "compression": g.positions_full as f64 / g.positions.max(1) as f64,
-        "device": device::describe(&dev),
-        "meta": {
-            "expand_mask": mask,
-            "select": mode,
-            "k": c.k,
-            "p": c.p,
-            "chunks": mask.len(),
-            "expanded": mask.iter().filter(|&&m| m).count(),
-            "chunk_cache": cache.is_some(),
-            "projector_trained": refrag.encoder.trained,
-            "retrieval": a.retrieve.retrieval,
-            "passage_ids": hits.iter().map(|h| h.id).collect::<Vec<_>>(),
-            "generated_tokens": g.tokens.len(),
-            "decoder": dec,
-            "encoder": refrag.encoder.model_name(),
-        },
-    });
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    let limits = decoder_limits(&a.models, c)?;
+    match batch {
+        None => {
+            let q = a.question.as_deref().unwrap_or_default();
+            check_one(a, c, &limits, q, "--question")?;
+            let out = Session::open(a, c)?.answer(q)?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Some((path, qs)) => {
+            for q in &qs {
+                check_one(a, c, &limits, &q.text, &questions::what(path, q))?;
+            }
+            let mut sink = questions::Sink::create(a.out.as_deref())?;
+            let session = Session::open(a, c)?;
+            questions::answer_all(&qs, path, &mut sink, a.runtime.quiet, "generate", |q| {
+                session.answer(q)
+            })?;
+            sink.finish()?;
+        }
+    }
     Ok(())
 }
