@@ -50,6 +50,15 @@ pub struct Passage {
     pub text: String,
 }
 
+impl From<&crate::retrieve::Hit> for Passage {
+    fn from(h: &crate::retrieve::Hit) -> Self {
+        Self {
+            id: h.id,
+            text: h.text.clone(),
+        }
+    }
+}
+
 /// Models of the pipeline.
 pub struct Refrag {
     pub decoder: Decoder,

@@ -219,13 +219,7 @@ impl Evaluator<'_> {
         let retrieval = t.elapsed().as_secs_f64();
         let texts = hits.iter().map(|h| h.text.as_str());
         let gold_retrieved = eval::gold_retrieved(texts, &qa.question, &qa.answers);
-        let passages: Vec<Passage> = hits
-            .iter()
-            .map(|h| Passage {
-                id: h.id,
-                text: h.text.clone(),
-            })
-            .collect();
+        let passages: Vec<Passage> = hits.iter().map(Passage::from).collect();
         let t = Instant::now();
         let prep = self
             .refrag

@@ -242,13 +242,7 @@ impl<'a> Session<'a> {
             .retriever
             .retrieve(question, a.retrieve.topk, a.retrieve.retrieval)?;
         times.retrieval = t.elapsed().as_secs_f64();
-        let passages: Vec<Passage> = hits
-            .iter()
-            .map(|h| Passage {
-                id: h.id,
-                text: h.text.clone(),
-            })
-            .collect();
+        let passages: Vec<Passage> = hits.iter().map(Passage::from).collect();
         let t = Instant::now();
         let prep = refrag.prepare(question, &passages, cache, c.k, c.ctx_max)?;
         times.tokenize = t.elapsed().as_secs_f64();
