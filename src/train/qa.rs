@@ -160,15 +160,11 @@ pub fn answer_chunks(
     answers: &[String],
 ) -> Result<Vec<bool>> {
     let mut hit = vec![false; layout.chunks.len()];
-    let mut start = 0;
-    while start < layout.chunks.len() {
-        let passage = layout.chunks[start].passage;
-        let end = (start..layout.chunks.len())
-            .find(|&i| layout.chunks[i].passage != passage)
-            .unwrap_or(layout.chunks.len());
+    let mut first = 0; // index of the passage's first chunk in the layout
+    for chunks in layout.chunks.chunk_by(|a, b| a.passage == b.passage) {
         // The passage's text and where each chunk's text starts in it.
-        let (mut text, mut offsets) = (String::new(), Vec::with_capacity(end - start));
-        for c in &layout.chunks[start..end] {
+        let (mut text, mut offsets) = (String::new(), Vec::with_capacity(chunks.len() + 1));
+        for c in chunks {
             offsets.push(text.len());
             text.push_str(&dtok.decode(&c.tokens)?.to_lowercase());
         }
@@ -180,14 +176,14 @@ pub fn answer_chunks(
             }
             for (at, _) in text.match_indices(ans.as_str()) {
                 let span = at..at + ans.len();
-                for j in 0..end - start {
+                for j in 0..chunks.len() {
                     if offsets[j] < span.end && span.start < offsets[j + 1] {
-                        hit[start + j] = true;
+                        hit[first + j] = true;
                     }
                 }
             }
         }
-        start = end;
+        first += chunks.len();
     }
     Ok(hit)
 }
