@@ -149,16 +149,53 @@ fn one_step_lowers_the_answer_loss() {
     assert!(b < a, "sft: {a} -> {b}");
 }
 
-#[test]
-fn one_step_lowers_the_policy_surrogate_on_fixed_samples() {
+/// A small seeded policy over six random chunks, a question vector and position features.
+struct ToyPolicy {
+    vars: VarMap,
+    policy: Policy,
+    chunks: Tensor,
+    q: Tensor,
+    pos: Tensor,
+}
+
+fn toy_policy(seed: u64) -> ToyPolicy {
     let d = dev();
     let cfg = PolicyConfig { d: 16, hidden: 8 };
     let vars = VarMap::new();
-    init_policy_vars(&vars, &cfg, 1, &d).unwrap();
+    init_policy_vars(&vars, &cfg, seed, &d).unwrap();
     let policy = policy_over(&vars, &cfg, &d).unwrap();
-    let chunks = Tensor::randn(0f32, 1.0, (6, 16), &d).unwrap();
-    let q = Tensor::randn(0f32, 1.0, 16, &d).unwrap();
-    let pos = Tensor::randn(0f32, 1.0, (6, refrag::policy::POSITION_FEATURES), &d).unwrap();
+    ToyPolicy {
+        vars,
+        policy,
+        chunks: Tensor::randn(0f32, 1.0, (6, 16), &d).unwrap(),
+        q: Tensor::randn(0f32, 1.0, 16, &d).unwrap(),
+        pos: Tensor::randn(0f32, 1.0, (6, refrag::policy::POSITION_FEATURES), &d).unwrap(),
+    }
+}
+
+/// One AdamW step of the policy's variables on `loss`.
+fn policy_step(vars: &VarMap, loss: &Tensor, lr: f64) {
+    let group = refrag::train::optim::Group {
+        name: "policy".into(),
+        vars: refrag::train::vars::named_vars(vars),
+        lr_scale: 1.0,
+    };
+    let mut opt = AdamW::new(vec![group], AdamWConfig::default()).unwrap();
+    let mut acc = opt.zero_grads();
+    opt.accumulate(&mut acc, &loss.backward().unwrap(), 1.0)
+        .unwrap();
+    opt.step(&acc, lr, 0.0).unwrap();
+}
+
+#[test]
+fn one_step_lowers_the_policy_surrogate_on_fixed_samples() {
+    let ToyPolicy {
+        vars,
+        policy,
+        chunks,
+        q,
+        pos,
+    } = toy_policy(1);
     let s: Vec<f32> = policy.scores(&chunks, &q, &pos).unwrap().to_vec1().unwrap();
     let mut rng = step_rng(0, 0);
     let orders: Vec<Vec<usize>> = (0..4).map(|_| sample_order(&s, 2, &mut rng)).collect();
@@ -166,16 +203,7 @@ fn one_step_lowers_the_policy_surrogate_on_fixed_samples() {
     let loss =
         |p: &Policy| reinforce_loss(&p.scores(&chunks, &q, &pos).unwrap(), &orders, &adv).unwrap();
     let before = loss(&policy);
-    let group = refrag::train::optim::Group {
-        name: "policy".into(),
-        vars: refrag::train::vars::named_vars(&vars),
-        lr_scale: 1.0,
-    };
-    let mut opt = AdamW::new(vec![group], AdamWConfig::default()).unwrap();
-    let mut acc = opt.zero_grads();
-    opt.accumulate(&mut acc, &before.backward().unwrap(), 1.0)
-        .unwrap();
-    opt.step(&acc, 1e-2, 0.0).unwrap();
+    policy_step(&vars, &before, 1e-2);
     let (a, b) = (
         before.to_scalar::<f32>().unwrap(),
         loss(&policy).to_scalar::<f32>().unwrap(),
@@ -488,14 +516,13 @@ fn answer_chunks_mark_every_chunk_an_answer_touches_in_its_own_passage() {
 
 #[test]
 fn warm_start_loss_raises_the_mass_on_answer_chunks() {
-    let d = dev();
-    let cfg = PolicyConfig { d: 16, hidden: 8 };
-    let vars = VarMap::new();
-    init_policy_vars(&vars, &cfg, 2, &d).unwrap();
-    let policy = policy_over(&vars, &cfg, &d).unwrap();
-    let chunks = Tensor::randn(0f32, 1.0, (6, 16), &d).unwrap();
-    let q = Tensor::randn(0f32, 1.0, 16, &d).unwrap();
-    let pos = Tensor::randn(0f32, 1.0, (6, refrag::policy::POSITION_FEATURES), &d).unwrap();
+    let ToyPolicy {
+        vars,
+        policy,
+        chunks,
+        q,
+        pos,
+    } = toy_policy(2);
     let gold = [false, false, true, false, true, false];
     let scores = |p: &Policy| p.scores(&chunks, &q, &pos).unwrap();
     assert!(answer_mass_loss(&scores(&policy), &[false; 6])
@@ -510,16 +537,7 @@ fn warm_start_loss_raises_the_mass_on_answer_chunks() {
     let z: f32 = s.iter().map(|x| x.exp()).sum();
     let mass = (s[2].exp() + s[4].exp()) / z;
     assert!((before.to_scalar::<f32>().unwrap() + mass.ln()).abs() < 1e-4);
-    let group = refrag::train::optim::Group {
-        name: "policy".into(),
-        vars: refrag::train::vars::named_vars(&vars),
-        lr_scale: 1.0,
-    };
-    let mut opt = AdamW::new(vec![group], AdamWConfig::default()).unwrap();
-    let mut acc = opt.zero_grads();
-    opt.accumulate(&mut acc, &before.backward().unwrap(), 1.0)
-        .unwrap();
-    opt.step(&acc, 1e-2, 0.0).unwrap();
+    policy_step(&vars, &before, 1e-2);
     let after = answer_mass_loss(&scores(&policy), &gold).unwrap().unwrap();
     assert!(after.to_scalar::<f32>().unwrap() < before.to_scalar::<f32>().unwrap());
 }
