@@ -103,6 +103,48 @@ impl ChunkCache {
         })
     }
 
+    /// A cache held in memory only, of one passage per entry of `passages` (each a list of
+    /// chunks) with their encoder `vectors` `(chunks, h)` in the same order and no heuristic
+    /// scores (0): what `bench` measures the cached path with, through the same lookups as an
+    /// index's cache.
+    pub fn in_memory(
+        meta_names: (&str, &str),
+        k: usize,
+        passages: &[Vec<Vec<u32>>],
+        vectors: Tensor,
+    ) -> Result<Self> {
+        let mut chunk_offsets = vec![0u32];
+        let mut token_offsets = vec![0u32];
+        let mut tokens = Vec::new();
+        for chunks in passages {
+            for c in chunks {
+                tokens.extend_from_slice(c);
+                token_offsets.push(tokens.len() as u32);
+            }
+            chunk_offsets.push(token_offsets.len() as u32 - 1);
+        }
+        let n = token_offsets.len() - 1;
+        if vectors.dim(0)? != n {
+            bail!("chunk cache: {} vectors for {n} chunks", vectors.dim(0)?);
+        }
+        let meta = ChunkCacheMeta {
+            encoder: meta_names.0.to_string(),
+            decoder: meta_names.1.to_string(),
+            k,
+            passages: passages.len(),
+            chunks: n,
+            dim: vectors.dim(1)?,
+        };
+        Ok(Self {
+            meta,
+            chunk_offsets,
+            token_offsets,
+            tokens,
+            vectors: vectors.to_device(&Device::Cpu)?,
+            scores: vec![0.0; n],
+        })
+    }
+
     /// Write the cache files into `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let dev = Device::Cpu;

@@ -80,6 +80,15 @@ pub struct Prepared {
     pub question: String,
 }
 
+/// How far to decode.
+#[derive(Debug, Clone, Copy)]
+pub struct Decode {
+    /// Most tokens generated, the first (from the prefill) included.
+    pub max_new: usize,
+    /// Stop at the end-of-sequence token (else decode `max_new` tokens whatever they are).
+    pub stop_at_eos: bool,
+}
+
 /// The result of one generation.
 #[derive(Debug, Clone, Serialize)]
 pub struct Generated {
@@ -369,7 +378,7 @@ impl Refrag {
             .mean(0)?)
     }
 
-    /// Prefill with the mixed input and decode up to `max_new` tokens.
+    /// Prefill with the mixed input and decode up to `max_new` tokens, stopping at EOS.
     pub fn generate(
         &self,
         prep: &Prepared,
@@ -377,8 +386,27 @@ impl Refrag {
         embeds: Option<&Tensor>,
         max_new: usize,
         sampler: &mut Sampler,
+        times: StageTimes,
+    ) -> Result<Generated> {
+        let opts = Decode {
+            max_new,
+            stop_at_eos: true,
+        };
+        self.generate_with(prep, mask, embeds, opts, sampler, times)
+    }
+
+    /// Prefill with the mixed input and decode up to `opts.max_new` tokens (`bench` decodes
+    /// past EOS so every run times the same number of forward passes).
+    pub fn generate_with(
+        &self,
+        prep: &Prepared,
+        mask: &[bool],
+        embeds: Option<&Tensor>,
+        opts: Decode,
+        sampler: &mut Sampler,
         mut times: StageTimes,
     ) -> Result<Generated> {
+        let max_new = opts.max_new;
         let t = Instant::now();
         let x = prep
             .layout
@@ -401,7 +429,7 @@ impl Refrag {
         let mut tokens = Vec::new();
         let mut forwards = 0usize;
         let t = Instant::now();
-        while !self.dtok.is_eos(tok) && tokens.len() < max_new {
+        while !(opts.stop_at_eos && self.dtok.is_eos(tok)) && tokens.len() < max_new {
             tokens.push(tok);
             if tokens.len() == max_new {
                 break;

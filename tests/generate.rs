@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
+use refrag::chunk_cache::ChunkCache;
 use refrag::cli::SelectMode;
 use refrag::decoder::Logits;
-use refrag::pipeline::{Passage, Refrag, StageTimes};
+use refrag::pipeline::{Decode, Passage, Prepared, Refrag, StageTimes};
+use refrag::sample::Sampler;
 use serde_json::Value;
 
 const PASSAGES: &[&str] = &[
@@ -204,6 +206,68 @@ fn p_one_is_exactly_the_full_context_input() {
             "passage tokens not contiguous"
         );
     }
+}
+
+/// What `bench` runs (an in-memory chunk cache of the context, decoding past EOS) is the
+/// pipeline `generate` runs: the same mask, the same projected rows, the same first tokens, and
+/// exactly `max_new` tokens from `max_new - 1` forward passes.
+#[test]
+fn bench_path_is_the_generate_path() {
+    let f = Fixture::new();
+    let r = load(f.dir.path());
+    let passages: Vec<Passage> = PASSAGES
+        .iter()
+        .enumerate()
+        .map(|(id, t)| Passage {
+            id,
+            text: t.to_string(),
+        })
+        .collect();
+    let q = "Which river flows through City_10007?";
+    let plain = r.prepare(q, &passages, None, 4, 4096).unwrap();
+    let l = plain.layout.chunks.len();
+    let all: Vec<usize> = (0..l).collect();
+    let per_passage: Vec<Vec<Vec<u32>>> = plain
+        .layout
+        .chunks
+        .chunk_by(|a, b| a.passage == b.passage)
+        .map(|g| g.iter().map(|c| c.tokens.clone()).collect())
+        .collect();
+    let vectors = r.chunk_vectors(&plain, &all, None).unwrap();
+    let cache = ChunkCache::in_memory(("enc", "dec"), 4, &per_passage, vectors).unwrap();
+    let cached = Prepared {
+        layout: r.prepare(q, &passages, None, 4, 4096).unwrap().layout,
+        cache_ids: Some(all),
+        cached_scores: None,
+        question: q.into(),
+    };
+    let mut t = StageTimes::default();
+    let (m1, e1) = r
+        .select_and_embed(&plain, SelectMode::Random, 0.25, 3, None, &mut t)
+        .unwrap();
+    let (m2, e2) = r
+        .select_and_embed(&cached, SelectMode::Random, 0.25, 3, Some(&cache), &mut t)
+        .unwrap();
+    assert_eq!(m1, m2);
+    assert!(m1.iter().any(|&m| m) && m1.iter().any(|&m| !m));
+    let (e1, e2) = (e1.unwrap(), e2.unwrap());
+    assert!(max_diff(&e1, &e2) < 1e-5);
+    let stop = |stop_at_eos| Decode {
+        max_new: 12,
+        stop_at_eos,
+    };
+    let gen = |o: Decode| {
+        let mut s = Sampler::new(0.0, 1.0, 0);
+        r.generate_with(&cached, &m2, Some(&e2), o, &mut s, StageTimes::default())
+            .unwrap()
+    };
+    let (bench, plain_gen) = (gen(stop(false)), gen(stop(true)));
+    assert_eq!(bench.tokens.len(), 12);
+    assert_eq!(bench.decode_forwards, 11);
+    assert!(bench.ttit > 0.0 && bench.times.prefill > 0.0);
+    let n = plain_gen.tokens.len();
+    assert_eq!(bench.tokens[..n], plain_gen.tokens[..]);
+    assert_eq!(bench.positions, plain_gen.positions);
 }
 
 #[test]

@@ -15,21 +15,19 @@
 //! steps past the first token whatever the tokens are (EOS does not stop it) so TTIT is always
 //! measured over the same number of steps.
 
-use std::time::Instant;
-
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use crate::bench::{self, BenchRow};
+use crate::chunk_cache::ChunkCache;
 use crate::cli::{BenchArgs, CacheArg, SelectMode};
 use crate::commands::generate::decoder_arg;
-use crate::decoder::Logits;
 use crate::eval::median;
-use crate::pipeline::{Prepared, Refrag};
+use crate::pipeline::{Decode, Prepared, Refrag, StageTimes};
 use crate::prompt::{PromptLayout, Template};
 use crate::sample::Sampler;
-use crate::{device, jsonio, progress, select};
+use crate::{device, jsonio, progress};
 
 /// One REFRAG configuration of a context length.
 #[derive(Debug, Clone, Copy)]
@@ -216,6 +214,47 @@ fn cells(a: &BenchArgs) -> Vec<Cell> {
     out
 }
 
+/// The context laid out for one `k`: as `generate` sees it without a chunk cache (`plain`) and
+/// with one (`cached`, served by `cache`, whose vectors are computed before any clock starts,
+/// as an index's chunk cache holds them).
+struct KPrep {
+    k: usize,
+    plain: Prepared,
+    cached: Prepared,
+    cache: ChunkCache,
+}
+
+impl KPrep {
+    fn new(
+        refrag: &Refrag,
+        template: &Template,
+        chunks: &[Vec<Vec<u32>>],
+        question: &str,
+        k: usize,
+    ) -> Result<Self> {
+        let prepared = |cache_ids| Prepared {
+            layout: PromptLayout::new(template, chunks),
+            cache_ids,
+            cached_scores: None,
+            question: question.to_string(),
+        };
+        let plain = prepared(None);
+        let all: Vec<usize> = (0..plain.layout.chunks.len()).collect();
+        let vectors = refrag.chunk_vectors(&plain, &all, None)?;
+        let names = (
+            refrag.encoder.fingerprint.as_str(),
+            refrag.decoder_name.as_str(),
+        );
+        let cache = ChunkCache::in_memory(names, k, chunks, vectors)?;
+        Ok(Self {
+            k,
+            cached: prepared(Some(all)),
+            plain,
+            cache,
+        })
+    }
+}
+
 /// Every cell of context length `n`, interleaved with the full-context baseline.
 fn bench_context(
     a: &BenchArgs,
@@ -226,31 +265,33 @@ fn bench_context(
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<BenchRow>> {
     let cells = cells(a);
-    let mut preps = Vec::new(); // one layout (and precomputed vectors) per k
+    let mut preps = Vec::new(); // one layout per k, and its chunk cache
     for &k in &a.ks {
         let Some(chunks) = bench::context_chunks(passages, n, k) else {
             bail!("--corpus holds fewer than {n} decoder tokens");
         };
-        let prep = Prepared {
-            layout: PromptLayout::new(template, &chunks),
-            cache_ids: None,
-            cached_scores: None,
-            question: a.question.clone(),
-        };
-        let all: Vec<usize> = (0..prep.layout.chunks.len()).collect();
-        let vectors = refrag.chunk_vectors(&prep, &all, None)?; // the cache, computed untimed
-        preps.push((k, prep, vectors));
+        preps.push(KPrep::new(refrag, template, &chunks, &a.question, k)?);
     }
-    let prep_of = |k: usize| preps.iter().find(|p| p.0 == k).expect("a layout per k");
+    let prep_of = |k: usize| preps.iter().find(|p| p.k == k).expect("a layout per k");
     let mut full = Vec::new();
     let mut refrag_samples = vec![Vec::new(); cells.len()];
     for rep in 0..a.warmup + a.repeats {
-        let f = run_full(refrag, &preps[0].1, a.max_new)?;
+        let f = run_full(refrag, &preps[0].plain, a.max_new)?;
         let mut s = Vec::with_capacity(cells.len());
         for c in &cells {
-            let (_, prep, vectors) = prep_of(c.k);
-            let v = c.cached.then_some(vectors);
-            s.push(run_refrag(refrag, prep, c.p, v, a.runtime.seed, a.max_new)?);
+            let kp = prep_of(c.k);
+            let (prep, cache) = match c.cached {
+                true => (&kp.cached, Some(&kp.cache)),
+                false => (&kp.plain, None),
+            };
+            s.push(run_refrag(
+                refrag,
+                prep,
+                c.p,
+                cache,
+                a.runtime.seed,
+                a.max_new,
+            )?);
         }
         if rep >= a.warmup {
             full.push(f);
@@ -260,13 +301,13 @@ fn bench_context(
         }
         bar.inc(1);
     }
-    let full_layout = &preps[0].1.layout;
+    let full_layout = &preps[0].plain.layout;
     let cfg = refrag.decoder.config();
     Ok(cells
         .iter()
         .zip(&refrag_samples)
         .map(|(c, s)| {
-            let chunks = prep_of(c.k).1.layout.chunks.len();
+            let chunks = prep_of(c.k).plain.layout.chunks.len();
             make_row(a, cfg, *c, n, chunks, &full, s, full_layout)
         })
         .collect())
@@ -322,103 +363,55 @@ fn make_row(
     }
 }
 
-/// The full-context baseline: every chunk expanded, prefill and decode.
+/// The full-context baseline: every chunk expanded, prefill and decode, through the pipeline's
+/// own generation.
 fn run_full(refrag: &Refrag, prep: &Prepared, max_new: usize) -> Result<Sample> {
     let mask = vec![true; prep.layout.chunks.len()];
-    let mut s = prefill_decode(refrag, prep, &mask, None, max_new)?;
-    s.expanded = mask.len();
-    Ok(s)
+    decode(refrag, prep, &mask, None, max_new, StageTimes::default())
 }
 
-/// REFRAG: select at random, encode (or take precomputed `vectors` of every chunk) and project
-/// the compressed chunks, prefill the mixed input and decode.
+/// REFRAG through the pipeline that `generate` runs: random (seeded) selection, the compressed
+/// chunks' vectors from `cache` (the in-memory cache of this context) or the encoder, projection,
+/// prefill of the mixed input and decoding.
 fn run_refrag(
     refrag: &Refrag,
     prep: &Prepared,
     p: f64,
-    vectors: Option<&Tensor>,
+    cache: Option<&ChunkCache>,
     seed: u64,
     max_new: usize,
 ) -> Result<Sample> {
-    let l = prep.layout.chunks.len();
-    let t = Instant::now();
-    let mask = select::expansion_mask(SelectMode::Random, p, None, l, seed);
-    let compressed: Vec<usize> = (0..l).filter(|&i| !mask[i]).collect();
-    let selection = t.elapsed().as_secs_f64();
-    let (mut encoding, mut projection, mut embeds) = (0.0, 0.0, None);
-    if !compressed.is_empty() {
-        let t = Instant::now();
-        let v = match vectors {
-            Some(all) => all.index_select(&index(&compressed, &refrag.device)?, 0)?,
-            None => refrag.chunk_vectors(prep, &compressed, None)?,
-        };
-        device::sync(&refrag.device)?;
-        encoding = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let e = refrag.encoder.project(&v)?; // (compressed, d)
-        embeds = Some(scatter_rows(&e, &compressed, l)?);
-        device::sync(&refrag.device)?;
-        projection = t.elapsed().as_secs_f64();
-    }
-    let mut s = prefill_decode(refrag, prep, &mask, embeds.as_ref(), max_new)?;
-    s.selection = selection;
-    s.encoding = encoding;
-    s.projection = projection;
-    s.expanded = l - compressed.len();
-    Ok(s)
+    let mut times = StageTimes::default();
+    let (mask, embeds) =
+        refrag.select_and_embed(prep, SelectMode::Random, p, seed, cache, &mut times)?;
+    decode(refrag, prep, &mask, embeds.as_ref(), max_new, times)
 }
 
-fn index(ids: &[usize], dev: &Device) -> Result<Tensor> {
-    Ok(Tensor::new(
-        ids.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-        dev,
-    )?)
-}
-
-/// Rows `e` `(m, d)` of the chunks `which` placed into an `(l, d)` table; other rows zero.
-fn scatter_rows(e: &Tensor, which: &[usize], l: usize) -> Result<Tensor> {
-    let d = e.dim(1)?;
-    let mut rows = vec![0u32; l];
-    for (r, &i) in which.iter().enumerate() {
-        rows[i] = r as u32 + 1;
-    }
-    let table = Tensor::cat(&[&Tensor::zeros((1, d), e.dtype(), e.device())?, e], 0)?;
-    Ok(table.index_select(&Tensor::new(rows, e.device())?, 0)?)
-}
-
-/// Prefill the input of `mask` (timed up to the first token), then decode `max_new` further
-/// tokens greedily, EOS or not.
-fn prefill_decode(
+/// Prefill the input of `mask` and decode `max_new` tokens past the first one greedily, EOS or
+/// not ([`Refrag::generate_with`]), as a sample.
+fn decode(
     refrag: &Refrag,
     prep: &Prepared,
     mask: &[bool],
     embeds: Option<&Tensor>,
     max_new: usize,
+    times: StageTimes,
 ) -> Result<Sample> {
-    let dec = &refrag.decoder;
+    let opts = Decode {
+        max_new: max_new + 1,
+        stop_at_eos: false,
+    };
     let mut sampler = Sampler::new(0.0, 1.0, 0);
-    let t = Instant::now();
-    let x = prep
-        .layout
-        .assemble(|ids| Ok(dec.embed(ids)?), embeds, mask, &refrag.device)?
-        .detach(); // no gradient graph through the projector's variables
-    let positions = x.dim(1)?;
-    let mut kv = dec.new_cache(positions + max_new + 1);
-    let logits = dec.forward_embeds(&x, Some(&mut kv), Logits::Last)?;
-    let mut tok = sampler.sample(&logits)?; // reads the logits back: the device is done
-    let prefill = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for _ in 0..max_new {
-        let ids = Tensor::new(&[[tok]], &refrag.device)?;
-        tok = sampler.sample(&dec.forward_ids(&ids, Some(&mut kv), Logits::Last)?)?;
-    }
-    let decode = t.elapsed().as_secs_f64();
+    let g = refrag.generate_with(prep, mask, embeds, opts, &mut sampler, times)?;
     Ok(Sample {
-        prefill,
-        ttit: decode / max_new as f64,
-        tokens_per_sec: max_new as f64 / decode.max(1e-12),
-        positions,
-        ..Sample::default()
+        selection: g.times.selection,
+        encoding: g.times.encoding,
+        projection: g.times.projection,
+        prefill: g.times.prefill,
+        ttit: g.ttit,
+        tokens_per_sec: g.throughput,
+        positions: g.positions,
+        expanded: mask.iter().filter(|&&e| e).count(),
     })
 }
 
