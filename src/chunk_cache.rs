@@ -257,7 +257,7 @@ pub fn build_for_index(
     device: &Device,
     progress: impl FnMut(usize),
 ) -> Result<ChunkCache> {
-    let dec = crate::commands::generate::decoder_arg(dec, load_dir)?;
+    let dec = crate::weights::decoder_arg(dec, load_dir)?;
     let refrag = crate::pipeline::Refrag::load(enc, &dec, load_dir, 0, device)?;
     ChunkCache::build(
         passages,

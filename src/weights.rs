@@ -97,6 +97,18 @@ pub fn matches(cfg: &RefragConfig, enc: &str, dec: &str) -> bool {
         && model_key(&cfg.decoder_model) == model_key(dec)
 }
 
+/// The decoder argument: `--dec`, else the one recorded in `--load_dir`, else the default.
+pub fn decoder_arg(dec: Option<&str>, load_dir: Option<&Path>) -> Result<String> {
+    if let Some(d) = dec {
+        return Ok(d.to_string());
+    }
+    if let Some(dir) = load_dir {
+        let recorded = RefragConfig::read(dir)?.decoder_model;
+        return Ok(recorded_or_default(&recorded, Role::Decoder));
+    }
+    Ok(hub::model_arg(None, Role::Decoder))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

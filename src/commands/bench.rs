@@ -22,11 +22,11 @@ use serde_json::json;
 use crate::bench::{self, BenchRow};
 use crate::chunk_cache::ChunkCache;
 use crate::cli::{BenchArgs, CacheArg, SelectMode};
-use crate::commands::generate::decoder_arg;
 use crate::eval::median;
 use crate::pipeline::{Decode, Prepared, Refrag, StageTimes};
 use crate::prompt::{PromptLayout, Template};
 use crate::sample::Sampler;
+use crate::weights::decoder_arg;
 use crate::{device, jsonio, progress};
 
 /// One REFRAG configuration of a context length.

@@ -15,11 +15,11 @@ use crate::cli::{
     RuntimeArgs, SelectMode,
 };
 use crate::decoder::DecoderTokenizer;
-use crate::hub::{self, Role};
 use crate::pipeline::{Passage, Refrag, StageTimes};
 use crate::prompt::PromptLayout;
 use crate::retrieve::{Hit, Retriever};
 use crate::sample::Sampler;
+use crate::weights::decoder_arg;
 use crate::{device, limits, select};
 use candle_core::Device;
 
@@ -52,21 +52,6 @@ pub fn with_weights(c: &CompressArgs, models: &EncDecArgs) -> Result<CompressArg
         load_dir,
         ..c.clone()
     })
-}
-
-/// The decoder argument: `--dec`, else the one recorded in `--load_dir`, else the default.
-pub fn decoder_arg(dec: Option<&str>, load_dir: Option<&std::path::Path>) -> Result<String> {
-    if let Some(d) = dec {
-        return Ok(d.to_string());
-    }
-    if let Some(dir) = load_dir {
-        let recorded = crate::checkpoint::RefragConfig::read(dir)?.decoder_model;
-        return Ok(crate::weights::recorded_or_default(
-            &recorded,
-            Role::Decoder,
-        ));
-    }
-    Ok(hub::model_arg(None, Role::Decoder))
 }
 
 /// The decoder's tokenizer and window, for the limits checked before any model loads.
