@@ -103,6 +103,54 @@ impl Decoder {
     }
 }
 
+/// How one-token decoding steps multiply, from `REFRAG_DECODE`: `fast` (the default: the
+/// GGUF's quantized blocks times f32 activations, the f32 path's numbers), `q8` (activations
+/// quantized to 8 bits too: llama.cpp's arithmetic), `f32` (the dequantized f32 matrices).
+pub fn decode_mode() -> Result<Option<crate::kernels::qgemv::Act>> {
+    use crate::kernels::qgemv::Act;
+    match std::env::var("REFRAG_DECODE").as_deref() {
+        Err(_) | Ok("") | Ok("fast") => Ok(Some(Act::F32)),
+        Ok("q8") => Ok(Some(Act::Q8)),
+        Ok("f32") => Ok(None),
+        Ok(other) => anyhow::bail!("REFRAG_DECODE={other}: expected fast, q8 or f32"),
+    }
+}
+
+/// Give a GGUF decoder, loaded dequantized on the CPU, its decoding fast path: each matrix also
+/// kept in the file's quantized blocks for one-row products ([`Decoder::enable_fast_decode`],
+/// [`decode_mode`]). Off (`Ok(None)`) for other decoders and devices and with
+/// `REFRAG_DECODE=f32`. Returns the bytes of quantized weights kept.
+pub fn enable_fast_decode(files: &ModelFiles, decoder: &mut Decoder) -> Result<Option<usize>> {
+    match decode_mode()? {
+        Some(act) => enable_fast_decode_as(files, decoder, act),
+        None => Ok(None),
+    }
+}
+
+/// [`enable_fast_decode`] with the activations' kind given.
+pub fn enable_fast_decode_as(
+    files: &ModelFiles,
+    decoder: &mut Decoder,
+    act: crate::kernels::qgemv::Act,
+) -> Result<Option<usize>> {
+    let ModelFiles::Gguf { path, .. } = files else {
+        return Ok(None);
+    };
+    if !decoder.device().is_cpu() || decoder.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let mut g = gguf::GgufFile::open(path)?;
+    let head = if g.has("output.weight") {
+        "output.weight"
+    } else {
+        "token_embd.weight"
+    };
+    let bytes = decoder
+        .enable_fast_decode(|name| g.qtensor(name, &Device::Cpu), head, act)
+        .with_context(|| format!("the decoding fast path of '{}'", files.name()))?;
+    Ok(Some(bytes))
+}
+
 /// Config, weights (all read into memory, in `dtype` on `device`) and tokenizer of a Hugging
 /// Face folder or a GGUF file.
 pub fn load_parts(files: &ModelFiles, device: &Device, dtype: DType) -> Result<DecoderParts> {

@@ -19,6 +19,7 @@ pub mod eval;
 pub mod fused;
 pub mod hub;
 pub mod index;
+pub mod kernels;
 pub mod jsonio;
 pub mod limits;
 pub mod lock;

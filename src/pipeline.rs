@@ -148,7 +148,11 @@ impl Refrag {
                 load_trained_decoder(&files, dir, device, dtype)?
             }
             _ if quantized => Decoder::load_quantized(&files, device)?,
-            _ => Decoder::load(&files, device, dtype)?,
+            _ => {
+                let (mut d, t) = Decoder::load(&files, device, dtype)?;
+                crate::decoder::enable_fast_decode(&files, &mut d)?;
+                (d, t)
+            }
         };
         if let (Some(dir), Some(c)) = (load_dir, &cfg) {
             apply_lora(&mut decoder, dir, c, device)?;

@@ -273,6 +273,32 @@ fn greedy_continuations_match_quantized_llama() {
     assert!(same_qq >= 16, "{same_qq} of 20");
 }
 
+/// The decoding fast path (the default for a GGUF decoder on the CPU): one-row products on the
+/// file's quantized blocks. With f32 activations (the default) its greedy continuations are the
+/// f32 path's (the same numbers up to rounding: every continuation identical to the dequantized
+/// reference's); with 8-bit activations (`REFRAG_DECODE=q8`) they follow the reference's
+/// quantized kernels, where near-ties may flip (gap bounded where they part).
+#[test]
+#[ignore = "needs models/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch_models.sh)"]
+fn fast_decode_continuations_match_the_f32_path() {
+    use refrag::kernels::qgemv::Act;
+    let (mut m, tok) = load();
+    let bytes = refrag::decoder::enable_fast_decode_as(&files(), &mut m, Act::F32).unwrap();
+    println!(
+        "quantized weights kept for decoding: {:.1} MB",
+        bytes.unwrap() as f64 / 1e6
+    );
+    let same_f32 = compare_greedy(&m, &tok, reference(true), 1e-2);
+    println!("identical greedy continuations, fast decode vs dequantized f32: {same_f32} of 20");
+    assert!(same_f32 >= 19, "{same_f32} of 20");
+    let (mut q8, _) = load();
+    refrag::decoder::enable_fast_decode_as(&files(), &mut q8, Act::Q8).unwrap();
+    let same_q = compare_greedy(&q8, &tok, reference(false), 1.0);
+    println!(
+        "identical greedy continuations, q8 decode vs quantized quantized_llama: {same_q} of 20"
+    );
+}
+
 /// CPU seconds this process has used (user + system, all threads), from `/proc/self/stat`.
 fn cpu_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();

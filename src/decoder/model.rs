@@ -17,6 +17,8 @@ use candle_nn::{linear_b, Embedding, Init, Linear, VarBuilder};
 use super::cache::KvCache;
 use super::config::DecoderConfig;
 
+mod fast;
+
 /// Which positions to return logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -602,6 +604,8 @@ enum Proj {
         mm: candle_core::quantized::QMatMul,
         bias: Option<Tensor>,
     },
+    /// Dense weights plus their quantized twin for few-row inputs (decoding; [`fast`]).
+    Fast(Box<fast::FastProj>),
     /// A frozen projection plus a low-rank adapter: `base(x) + scale (x A^T) B^T`.
     Lora {
         base: Box<Proj>,
@@ -624,6 +628,7 @@ impl Proj {
                     None => Ok(y),
                 }
             }
+            Proj::Fast(f) => f.forward(x),
             Proj::Lora { base, a, b, scale } => {
                 let low = crate::blas::matmul_t(x, a)?;
                 let side = (crate::blas::matmul_t(&low, b)? * *scale)?;
@@ -640,6 +645,7 @@ impl Proj {
         match self {
             Proj::Dense(l) => l.bias().cloned(),
             Proj::Quant { bias, .. } => bias.clone(),
+            Proj::Fast(f) => f.dense.bias().cloned(),
             Proj::Lora { base, .. } => base.bias(),
         }
     }
@@ -653,6 +659,7 @@ impl Proj {
                 candle_core::quantized::QMatMul::Tensor(t)
                 | candle_core::quantized::QMatMul::TensorF16(t) => t.dims2(),
             },
+            Proj::Fast(f) => f.dense.weight().dims2(),
             Proj::Lora { base, .. } => base.dense_dims(),
         }
     }
@@ -661,10 +668,17 @@ impl Proj {
     /// (`W + scale B A`, inference), or as a side path (`train`, or quantized weights).
     fn with_lora(self, a: Tensor, b: Tensor, scale: f64, train: bool) -> Result<Proj> {
         match self {
-            Proj::Dense(l) if !train => {
-                let w = (l.weight() + (b.matmul(&a)? * scale)?.to_dtype(l.weight().dtype())?)?;
-                Ok(Proj::Dense(Linear::new(w, l.bias().cloned())))
+            Proj::Dense(l) if !train => Ok(Proj::Dense(merged(&l, &a, &b, scale)?)),
+            // Merged into the dense weights, and beside the quantized twin as a side path.
+            Proj::Fast(f) if !train && f.side.is_none() => {
+                Ok(Proj::Fast(Box::new(fast::FastProj {
+                    dense: merged(&f.dense, &a, &b, scale)?,
+                    q: f.q,
+                    act: f.act,
+                    side: Some((a, b, scale)),
+                })))
             }
+            Proj::Fast(f) => Proj::Dense(f.dense).with_lora(a, b, scale, train),
             base => Ok(Proj::Lora {
                 base: Box::new(base),
                 a,
@@ -680,6 +694,12 @@ impl Proj {
             bias,
         })
     }
+}
+
+/// `W + scale B A`: an adapter merged into a dense projection.
+fn merged(l: &Linear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Linear> {
+    let w = (l.weight() + (b.matmul(a)? * scale)?.to_dtype(l.weight().dtype())?)?;
+    Ok(Linear::new(w, l.bias().cloned()))
 }
 
 /// `l.forward(x)`, except that when `x` needs a gradient and the weight is frozen (a plain

@@ -1,0 +1,64 @@
+//! The decode-shaped products of SmolLM2-135M (one activation row): the quantized kernels of
+//! `refrag::kernels::qgemv` against the f32 BLAS product on the dequantized matrix, median of
+//! 50 after warm-up. `cargo run --release --example qgemv_bench`
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Module, Tensor};
+use refrag::kernels::qgemv::{simd_available, Act, QMatrix};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time(mut f: impl FnMut()) -> f64 {
+    for _ in 0..5 {
+        f();
+    }
+    median(
+        (0..50)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    println!("AVX2+FMA kernels: {}", simd_available());
+    let dev = Device::Cpu;
+    for (name, rows, cols, t) in [
+        ("ffn_up", 1536, 576, GgmlDType::Q4_1),
+        ("ffn_down", 576, 1536, GgmlDType::Q4_1),
+        ("lm_head", 49152, 576, GgmlDType::Q8_0),
+    ] {
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev)?;
+        let q = QTensor::quantize(&w, t)?;
+        let mat = QMatrix::from_qtensor(&q)?.expect("a fast format");
+        let lin = candle_nn::Linear::new(q.dequantize(&dev)?, None);
+        let bytes = mat.bytes();
+        let x = Tensor::randn(0f32, 1.0, (1, cols), &dev)?;
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut y = vec![0f32; rows];
+        let tq = time(|| mat.matmul_t(&xv, 1, &mut y, Act::F32));
+        let t8 = time(|| mat.matmul_t(&xv, 1, &mut y, Act::Q8));
+        let tf = time(|| {
+            refrag::blas::linear(&lin, &x).unwrap();
+        });
+        let qmm = candle_core::quantized::QMatMul::from_qtensor(q)?;
+        let tc = time(|| {
+            qmm.forward(&x).unwrap();
+        });
+        println!(
+            "{name} ({rows}x{cols} {t:?}): quantized x f32 {:.1} us ({:.1} GB/s), quantized x q8 {:.1} us, f32 BLAS {:.1} us, candle QMatMul {:.1} us: {:.1}x over f32",
+            tq * 1e6,
+            bytes as f64 / tq / 1e9,
+            t8 * 1e6,
+            tf * 1e6,
+            tc * 1e6,
+            tf / tq
+        );
+    }
+    Ok(())
+}
