@@ -191,8 +191,19 @@ pub fn write_checkpoint(
     opt: &AdamW,
     state: &TrainState,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating --out_dir {}", dir.display()))?;
+    // All files into a staging directory first, then moved into place: a run killed while
+    // writing leaves the previous checkpoint whole, never a mix of two steps' files.
+    let staging = checkpoint::begin_staged(dir)?;
+    write_checkpoint_files(&staging, ck, opt, state)?;
+    checkpoint::commit_staged(dir)
+}
+
+fn write_checkpoint_files(
+    dir: &Path,
+    ck: &Checkpoint,
+    opt: &AdamW,
+    state: &TrainState,
+) -> Result<()> {
     for (part, vm) in &ck.vars {
         let path = checkpoint::part_path(dir, part);
         checkpoint::save_varmap(vm, &path)?;
