@@ -141,7 +141,8 @@ fn config() -> ProptestConfig {
 }
 
 /// The (offset, width) of every count and length of a GGUF v2/v3 file: the tensor and metadata
-/// counts, each string's and array's length, each tensor's dimension count, dimensions and offset.
+/// counts, each string's and array's length, each 32- and 64-bit value, each tensor's dimension
+/// count, dimensions and offset.
 fn gguf_fields(b: &[u8]) -> Vec<(usize, usize)> {
     let u32_at = |p: usize| u32::from_le_bytes(b[p..p + 4].try_into().unwrap()) as usize;
     let u64_at = |p: usize| u64::from_le_bytes(b[p..p + 8].try_into().unwrap()) as usize;
@@ -167,8 +168,15 @@ fn gguf_fields(b: &[u8]) -> Vec<(usize, usize)> {
             }
             0 | 1 | 7 => *p += 1,
             2 | 3 => *p += 2,
-            4..=6 => *p += 4,
-            _ => *p += 8,
+            // Integer values too: head counts, block counts, alignment, token ids.
+            4..=6 => {
+                f.push((*p, 4));
+                *p += 4;
+            }
+            _ => {
+                f.push((*p, 8));
+                *p += 8;
+            }
         }
     }
     for _ in 0..kvs {
