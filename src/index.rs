@@ -422,8 +422,12 @@ impl Staging {
         }
         // One atomic swap where the OS has it: the target is never missing, even for a moment.
         if exchange(&tmp, &target).is_ok() {
-            return std::fs::remove_dir_all(&tmp)
-                .with_context(|| format!("removing the replaced index {}", tmp.display()));
+            return if tmp.is_dir() {
+                std::fs::remove_dir_all(&tmp)
+            } else {
+                std::fs::remove_file(&tmp)
+            }
+            .with_context(|| format!("removing the replaced index {}", tmp.display()));
         }
         let mut aside = tmp.clone().into_os_string();
         aside.push(".old");
