@@ -46,6 +46,7 @@ pub struct RefragConfig {
 impl RefragConfig {
     /// Read `dir/config.json`.
     pub fn read(dir: &Path) -> Result<Self> {
+        recover_staged(dir, false)?;
         let path = dir.join("config.json");
         if !path.is_file() {
             bail!(
@@ -67,6 +68,80 @@ impl RefragConfig {
     /// Whether `part` has weights here.
     pub fn has(&self, part: &str) -> bool {
         self.parts.iter().any(|p| p == part)
+    }
+}
+
+/// The staging directory of a checkpoint being written, inside the weights directory: every file
+/// of a checkpoint goes there first, then [`commit_staged`] moves them into place, so a run
+/// killed while writing leaves the previous checkpoint whole (or the new one, finished by
+/// [`recover_staged`] on the next read or write).
+pub const STAGING: &str = ".checkpoint.next";
+/// Written into [`STAGING`] once every file of the checkpoint is there.
+const STAGED_COMPLETE: &str = ".complete";
+
+/// An empty staging directory in `dir` (created if needed); a leftover one is removed.
+pub fn begin_staged(dir: &Path) -> Result<PathBuf> {
+    let staging = dir.join(STAGING);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("removing {}", staging.display()))?;
+    }
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("creating --out_dir {}", dir.display()))?;
+    Ok(staging)
+}
+
+/// Mark the staged checkpoint complete and move its files into `dir`, `config.json` last.
+pub fn commit_staged(dir: &Path) -> Result<()> {
+    let marker = dir.join(STAGING).join(STAGED_COMPLETE);
+    std::fs::write(&marker, b"").with_context(|| format!("writing {}", marker.display()))?;
+    recover_staged(dir, false)?;
+    Ok(())
+}
+
+/// Finish a checkpoint whose staging directory was marked complete (moving its files into `dir`);
+/// with `writer` (the caller holds `dir`'s lock) an incomplete one is removed instead. Several
+/// processes may finish the same checkpoint at once: a file another one moved is skipped.
+/// Returns whether there was anything to do.
+pub fn recover_staged(dir: &Path, writer: bool) -> Result<bool> {
+    let staging = dir.join(STAGING);
+    if !staging.is_dir() {
+        return Ok(false);
+    }
+    if !staging.join(STAGED_COMPLETE).is_file() {
+        if writer {
+            std::fs::remove_dir_all(&staging)
+                .with_context(|| format!("removing {}", staging.display()))?;
+        }
+        return Ok(writer);
+    }
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(&staging) {
+        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", staging.display())),
+    };
+    // config.json last: it names the parts, so it must not be in place before them.
+    files.sort_by_key(|p| (p.ends_with("config.json"), p.clone()));
+    for from in files {
+        let Some(name) = from.file_name() else {
+            continue;
+        };
+        if name == STAGED_COMPLETE || name.to_string_lossy().starts_with(".tmp") {
+            continue;
+        }
+        match std::fs::rename(&from, dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e)
+                    .with_context(|| format!("moving {} into {}", from.display(), dir.display()))
+            }
+            _ => {}
+        }
+    }
+    match std::fs::remove_dir_all(&staging) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", staging.display()))
+        }
+        _ => Ok(true),
     }
 }
 

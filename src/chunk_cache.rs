@@ -195,12 +195,26 @@ impl ChunkCache {
             scores: get("scores")?.to_vec1()?,
             meta,
         };
-        if cache.chunk_offsets.len() != cache.meta.passages + 1
-            || cache.scores.len() != cache.meta.chunks
-        {
+        if !cache.consistent() {
             bail!("{}: inconsistent with {}", path.display(), META_FILE);
         }
         Ok(Some(cache))
+    }
+
+    /// Whether every offset, count and shape agrees, so that no accessor can index out of range.
+    fn consistent(&self) -> bool {
+        let m = &self.meta;
+        let ordered = |o: &[u32], last: usize| {
+            o.first() == Some(&0)
+                && o.windows(2).all(|w| w[0] <= w[1])
+                && o.last().is_some_and(|&l| l as usize == last)
+        };
+        self.chunk_offsets.len() == m.passages.saturating_add(1)
+            && self.scores.len() == m.chunks
+            && self.token_offsets.len() == m.chunks.saturating_add(1)
+            && ordered(&self.chunk_offsets, m.chunks)
+            && ordered(&self.token_offsets, self.tokens.len())
+            && self.vectors.dims() == [m.chunks, m.dim]
     }
 
     /// Why this cache cannot serve `encoder` / `decoder` / `k`, or `None` when it can.

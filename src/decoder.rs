@@ -16,6 +16,7 @@ mod cache;
 mod chat;
 mod config;
 mod gguf;
+mod gguf_check;
 pub mod lora;
 mod model;
 mod tokenizer;
@@ -26,7 +27,7 @@ pub use chat::ChatTemplate;
 pub use config::{Arch, DecoderConfig, RopeScaling};
 pub use gguf::{permute_qk, unpermute_qk};
 pub use model::{Decoder, Logits};
-pub use tokenizer::{build_bpe, DecoderTokenizer};
+pub use tokenizer::{build_bpe, tokenizer_from_file, DecoderTokenizer};
 pub use weights::{load_tokenizer, load_trained};
 
 use std::collections::HashMap;

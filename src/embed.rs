@@ -121,9 +121,7 @@ pub fn max_seq_len(files: &ModelFiles, config: &Config) -> Result<usize> {
 /// Load `tokenizer.json`, truncating to `max_len` tokens and without padding (batches are padded
 /// by [`BertEmbedder::tokenize`]).
 pub fn load_tokenizer(path: &Path, max_len: usize) -> Result<Tokenizer> {
-    let mut tok = Tokenizer::from_file(path)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("reading tokenizer {}", path.display()))?;
+    let mut tok = crate::decoder::tokenizer_from_file(path)?;
     tok.with_padding(None);
     tok.with_truncation(Some(TruncationParams {
         max_length: max_len,

@@ -16,7 +16,9 @@
 //!
 //! A build writes into a temporary directory beside `index_dir` ([`Staging`]) and renames it into
 //! place at the end, so an interrupted or failed run never leaves a half-built index, and with
-//! `--force` the old index stays until the new one is complete.
+//! `--force` the old index stays until the new one is complete (on Linux the two are swapped in
+//! one atomic step; what a killed build leaves beside the index is cleaned by the next writer,
+//! [`crate::recover`]).
 
 pub mod lexical;
 
@@ -418,6 +420,15 @@ impl Staging {
                 let _ = std::fs::remove_dir_all(&tmp);
             });
         }
+        // One atomic swap where the OS has it: the target is never missing, even for a moment.
+        if exchange(&tmp, &target).is_ok() {
+            return if tmp.is_dir() {
+                std::fs::remove_dir_all(&tmp)
+            } else {
+                std::fs::remove_file(&tmp)
+            }
+            .with_context(|| format!("removing the replaced index {}", tmp.display()));
+        }
         let mut aside = tmp.clone().into_os_string();
         aside.push(".old");
         let aside = PathBuf::from(aside);
@@ -436,6 +447,36 @@ impl Staging {
         }
         .with_context(|| format!("removing the replaced index {}", aside.display()))
     }
+}
+
+/// Swap two paths atomically (`renameat2(RENAME_EXCHANGE)`); an error where the OS or the file
+/// system cannot, and the caller falls back to two renames.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let a = std::ffi::CString::new(a.as_os_str().as_bytes())?;
+    let b = std::ffi::CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: two valid NUL-terminated paths; the syscall reads them and keeps no pointer.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
 }
 
 #[cfg(test)]

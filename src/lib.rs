@@ -28,6 +28,7 @@ pub mod policy;
 pub mod progress;
 pub mod projector;
 pub mod prompt;
+pub mod recover;
 pub mod retrieve;
 pub mod sample;
 pub mod select;

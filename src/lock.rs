@@ -6,7 +6,8 @@
 //! The OS drops the lock when its holder exits, killed or not, so a crash never leaves a lock
 //! that blocks; the file only carries the holder's pid for the message a second writer gets.
 //! [`DirLock`] removes its file when dropped; [`hold_until_exit`] keeps the lock for the rest of
-//! the process and leaves the (then unlocked) file behind.
+//! the process and leaves the (then unlocked) file behind. Whoever takes the lock first cleans
+//! up what a killed writer of the directory left ([`crate::recover`]).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -72,7 +73,10 @@ impl DirLock {
                 continue;
             }
             write_pid(&mut file).with_context(|| format!("writing {}", path.display()))?;
-            return Ok(Self { file, path });
+            let lock = Self { file, path };
+            crate::recover::after_dead_writers(dir)
+                .with_context(|| format!("{flag} {}", dir.display()))?;
+            return Ok(lock);
         }
     }
 

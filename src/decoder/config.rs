@@ -139,9 +139,13 @@ impl DecoderConfig {
             num_hidden_layers: hf.num_hidden_layers,
             num_attention_heads: hf.num_attention_heads,
             num_key_value_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-            head_dim: hf
-                .head_dim
-                .unwrap_or(hf.hidden_size / hf.num_attention_heads),
+            head_dim: match hf.head_dim {
+                Some(d) => d,
+                None => hf
+                    .hidden_size
+                    .checked_div(hf.num_attention_heads)
+                    .context("config.json: num_attention_heads is 0")?,
+            },
             rms_norm_eps: hf.rms_norm_eps,
             rope_theta: hf.rope_theta.unwrap_or(10_000.0),
             rope_scaling,

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -23,9 +23,17 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader)
-            .with_context(|| format!("reading GGUF {}", path.display()))?;
+        let what = || format!("reading GGUF {}", path.display());
+        // Every length the header claims is capped by the file's size before candle allocates it.
+        super::gguf_check::check_header(&mut reader, len).with_context(what)?;
+        reader.rewind().with_context(what)?;
+        let content = Content::read(&mut reader).with_context(what)?;
+        super::gguf_check::check_tensors(&content, len).with_context(what)?;
         Ok(GgufFile { content, reader })
     }
 
@@ -90,6 +98,17 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<DecoderConfig> {
     let a = |k: &str| format!("{arch_name}.{k}");
     let hidden = md_usize(m, &a("embedding_length"))?;
     let heads = md_usize(m, &a("attention.head_count"))?;
+    if heads == 0 {
+        bail!("GGUF metadata {} is 0", a("attention.head_count"));
+    }
+    let layers = md_usize(m, &a("block_count"))?;
+    if layers > g.content.tensor_infos.len() {
+        bail!(
+            "GGUF metadata {} is {layers}, but the file has {} tensors",
+            a("block_count"),
+            g.content.tensor_infos.len()
+        );
+    }
     let vocab = match md_usize(m, &a("vocab_size")) {
         Ok(v) => v,
         Err(_) => md(m, "tokenizer.ggml.tokens")?.to_vec()?.len(),
@@ -108,7 +127,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<DecoderConfig> {
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: md_usize(m, &a("feed_forward_length"))?,
-        num_hidden_layers: md_usize(m, &a("block_count"))?,
+        num_hidden_layers: layers,
         num_attention_heads: heads,
         num_key_value_heads: md_usize(m, &a("attention.head_count_kv")).unwrap_or(heads),
         head_dim,
@@ -149,6 +168,12 @@ const LAYER_NAMES: &[(&str, &str)] = &[
 /// `(n_head * hd,)`): rows `(head, i, pair)` of the interleaved layout become `(head, pair, i)`.
 pub fn unpermute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     let dims = w.dims().to_vec();
+    if dims
+        .first()
+        .is_none_or(|&d| d == 0 || n_head == 0 || d % (2 * n_head) != 0)
+    {
+        candle_core::bail!("a q/k projection of shape {dims:?} does not split into {n_head} heads");
+    }
     let rest = w.elem_count() / dims[0];
     let hd = dims[0] / n_head;
     w.reshape((n_head, hd / 2, 2, rest))?

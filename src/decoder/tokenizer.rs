@@ -125,9 +125,7 @@ impl DecoderTokenizer {
         bos: Option<u32>,
         eos: &[u32],
     ) -> Result<Self> {
-        let tokenizer = Tokenizer::from_file(tokenizer_json)
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("reading {}", tokenizer_json.display()))?;
+        let tokenizer = tokenizer_from_file(tokenizer_json)?;
         let read_json = |name: &str| -> Result<Option<serde_json::Value>> {
             let Some(p) = sibling(name) else {
                 return Ok(None);
@@ -211,6 +209,21 @@ impl DecoderTokenizer {
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok());
         Ok(Self::new(tokenizer, bos, eos, template.map(String::as_str)))
+    }
+}
+
+/// Read a `tokenizer.json`. The tokenizers crate panics on some malformed files (an `expect`
+/// in its decoder deserializer): that is caught, silently, and becomes an error naming the file.
+pub fn tokenizer_from_file(path: &Path) -> Result<Tokenizer> {
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let read = std::panic::catch_unwind(|| Tokenizer::from_file(path));
+    std::panic::set_hook(prev);
+    match read {
+        Ok(r) => r
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("reading {}", path.display())),
+        Err(_) => bail!("reading {}: malformed tokenizer file", path.display()),
     }
 }
 

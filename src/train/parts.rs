@@ -1,8 +1,9 @@
 //! The decoder a trainer runs (frozen or trainable, from the base model or a trained
 //! `decoder.safetensors`) and writing a checkpoint directory: one safetensors file per part,
 //! `decoder_config.json` beside a trained decoder, the optimiser state and `train_state.json`
-//! for `--resume`, and `config.json` last. Every file is written to a temporary file and renamed,
-//! so a crash leaves either the previous file or the new one, and a `config.json` never names a
+//! for `--resume`, and `config.json` last. All of a checkpoint's files are written into a staging
+//! directory and then moved into place ([`checkpoint::begin_staged`]), so a crash leaves the
+//! previous checkpoint or the new one, never a mix of two steps, and a `config.json` never names a
 //! part that was not yet written.
 
 use std::path::{Path, PathBuf};
@@ -191,8 +192,19 @@ pub fn write_checkpoint(
     opt: &AdamW,
     state: &TrainState,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating --out_dir {}", dir.display()))?;
+    // All files into a staging directory first, then moved into place: a run killed while
+    // writing leaves the previous checkpoint whole, never a mix of two steps' files.
+    let staging = checkpoint::begin_staged(dir)?;
+    write_checkpoint_files(&staging, ck, opt, state)?;
+    checkpoint::commit_staged(dir)
+}
+
+fn write_checkpoint_files(
+    dir: &Path,
+    ck: &Checkpoint,
+    opt: &AdamW,
+    state: &TrainState,
+) -> Result<()> {
     for (part, vm) in &ck.vars {
         let path = checkpoint::part_path(dir, part);
         checkpoint::save_varmap(vm, &path)?;
