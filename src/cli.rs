@@ -128,6 +128,32 @@ pub struct RetrieveArgs {
     pub retrieval: RetrievalMode,
 }
 
+/// Retrieval flags of `eval`, where `--index_dir` may be left out for a SQuAD-format file.
+#[derive(Debug, Clone, Args)]
+pub struct EvalRetrieveArgs {
+    /// Index directory written by `refrag index` [default for a SQuAD-format --rag_json: a
+    /// temporary index of its paragraphs, removed at the end].
+    #[arg(long = "index_dir", alias = "index-dir")]
+    pub index_dir: Option<PathBuf>,
+    /// Number of passages to retrieve.
+    #[arg(long, default_value_t = 8)]
+    pub topk: usize,
+    /// Ranking to retrieve with.
+    #[arg(long, value_enum, default_value_t = RetrievalMode::Hybrid)]
+    pub retrieval: RetrievalMode,
+}
+
+impl EvalRetrieveArgs {
+    /// These flags with `index_dir` as the index.
+    pub fn with_index_dir(&self, index_dir: PathBuf) -> RetrieveArgs {
+        RetrieveArgs {
+            index_dir,
+            topk: self.topk,
+            retrieval: self.retrieval,
+        }
+    }
+}
+
 /// Which question/answer pairs a QA training run uses.
 #[derive(Debug, Clone, Args)]
 pub struct AnswerableArg {
@@ -503,11 +529,12 @@ pub enum EvalMode {
 
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
-    /// JSONL of question/answer pairs (`id`, `question`, `answers`).
+    /// JSONL of question/answer pairs (`id`, `question`, `answers`), or a SQuAD-format JSON
+    /// file (`data[].paragraphs[].qas[]`, told apart by its content).
     #[arg(long = "rag_json", alias = "rag-json")]
     pub rag_json: PathBuf,
     #[command(flatten)]
-    pub retrieve: RetrieveArgs,
+    pub retrieve: EvalRetrieveArgs,
     #[command(flatten)]
     pub embed: EmbedModelArg,
     #[command(flatten)]

@@ -30,6 +30,7 @@ pub mod prompt;
 pub mod retrieve;
 pub mod sample;
 pub mod select;
+pub mod squad;
 pub mod testing;
 pub mod train;
 pub mod weights;
