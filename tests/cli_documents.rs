@@ -328,6 +328,57 @@ fn append_embeds_only_changed_documents_and_equals_a_rebuild() {
 }
 
 #[test]
+fn append_extends_the_chunk_cache_as_a_rebuild_builds_it() {
+    use refrag::chunk_cache::ChunkCache;
+    let f = Fixture::new();
+    refrag::testing::llama::write_tiny_llama(&f.path("dec"), 3).unwrap();
+    let (b, d) = (f.model.clone(), f.s("dec"));
+    let cache = ["--enc", &b, "--dec", &d, "--k", "4"];
+    ok(f.index("docs", "idx", &cache));
+    std::fs::write(
+        f.path("docs/notes/guide.md"),
+        "# Guide\n\nCity_3 lies on River_8.\n",
+    )
+    .unwrap();
+    std::fs::write(f.path("docs/new.md"), "Alloy_6 is hard.\n").unwrap();
+    ok(f.index("docs", "idx", &[&cache[..], &["--append"]].concat()));
+    ok(f.index("docs", "full", &cache));
+    let load = |idx: &str| {
+        ChunkCache::load(&f.path(idx))
+            .unwrap()
+            .expect("a chunk cache")
+    };
+    let (a, full) = (load("idx"), load("full"));
+    assert_eq!(a.meta, full.meta);
+    let cpu = candle_core::Device::Cpu;
+    for id in 0..full.meta.passages {
+        assert_eq!(a.chunk_range(id), full.chunk_range(id), "passage {id}");
+        let chunks: Vec<usize> = full.chunk_range(id).collect();
+        for &c in &chunks {
+            assert_eq!(a.chunk_tokens(c), full.chunk_tokens(c));
+            assert!((a.score(c) - full.score(c)).abs() < 1e-4, "chunk {c}");
+        }
+        let (va, vf) = (
+            a.vectors(&chunks, &cpu).unwrap(),
+            full.vectors(&chunks, &cpu).unwrap(),
+        );
+        let diff = (va - vf).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "passage {id}");
+    }
+    // Another k than the cache's is refused before anything is written.
+    let o = f.index(
+        "docs",
+        "idx",
+        &["--append", "--enc", &b, "--dec", &d, "--k", "8"],
+    );
+    assert!(
+        stderr(&o).contains("chunk cache has k=4, not --k 8"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn a_failed_append_leaves_the_index_and_old_indexes_still_load() {
     let f = Fixture::new();
     ok(f.index("docs", "idx", &[]));
