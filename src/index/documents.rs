@@ -185,7 +185,7 @@ pub fn read(root: &Path, splitter: &Splitter, strict: bool) -> Result<Corpus> {
     if skipped_files > 0 {
         let s = if skipped_files == 1 { "" } else { "s" };
         eprintln!(
-            "refrag: skipped {skipped_files} file{s} in {} that are not .txt, .md or .jsonl",
+            "refrag: skipped {skipped_files} file{s} in {}: not .txt, .md or .jsonl",
             root.display()
         );
     }
