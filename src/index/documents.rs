@@ -17,7 +17,8 @@
 //!   windows of `--passage_tokens` tokens overlapping by `--passage_overlap`.
 //! - Every passage's text is exactly `source_text[span]`, the span `[start, end)` counted in
 //!   characters (Unicode scalar values) of the file (`.txt`/`.md`) or of the record's `text`.
-//! - Other files are skipped and counted on stderr; names starting with `.` are ignored.
+//! - In a directory, other files are skipped and counted on stderr and names starting with `.`
+//!   are ignored; a file given as `--corpus` itself is read as `.txt` whatever its extension.
 
 use std::path::{Path, PathBuf};
 
@@ -164,12 +165,12 @@ pub fn read(root: &Path, splitter: &Splitter, strict: bool) -> Result<Corpus> {
             Path::new(path.file_name().unwrap_or(path.as_os_str()))
         };
         let name = name.to_string_lossy().replace('\\', "/");
-        match kind(path) {
-            Some(Kind::Jsonl) => corpus.documents.extend(read_jsonl(path, &name, splitter)?),
-            Some(k) => corpus
+        // A file named by --corpus itself is text whatever its extension (as before documents).
+        match kind(path).unwrap_or(Kind::Txt) {
+            Kind::Jsonl => corpus.documents.extend(read_jsonl(path, &name, splitter)?),
+            k => corpus
                 .documents
                 .push(read_text(path, &name, k, splitter, strict)?),
-            None => {}
         }
     }
     let mut seen = std::collections::HashSet::new();
@@ -372,6 +373,9 @@ mod tests {
         assert_eq!(p[2].source.title.as_deref(), Some("Rivers"));
         assert_eq!(p[3].source.span, [0, 7]);
         assert!(read(r, &sp, true).is_err()); // the blank line of lines.txt
+                                              // A file given as --corpus is read as text whatever its extension.
+        let one = read(&r.join("image.png"), &sp, false).unwrap();
+        assert_eq!(one.passages().next().unwrap().text, "x");
         std::fs::write(
             r.join("sub/recs.jsonl"),
             "{\"id\":\"sub/doc.md\",\"text\":\"x\"}\n",
