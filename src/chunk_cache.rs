@@ -237,6 +237,52 @@ impl ChunkCache {
         None
     }
 
+    /// A cache whose passage `i` is passage `from[i].1` of `new` when `from[i].0`, else of
+    /// `self` (for `index --append`: unchanged passages keep their chunks, the others come from
+    /// a cache of the embedded passages alone, built with the same models and `k`).
+    pub fn assemble(&self, new: Option<&ChunkCache>, from: &[(bool, usize)]) -> Result<Self> {
+        if let Some(n) = new {
+            let (a, b) = (&self.meta, &n.meta);
+            if (&a.encoder, &a.decoder, a.k, a.dim) != (&b.encoder, &b.decoder, b.k, b.dim) {
+                bail!(
+                    "the index's chunk cache was built with encoder {}, decoder {}, k={}; pass the same --enc, --dec, --k and --load_dir to --append",
+                    a.encoder, a.decoder, a.k
+                );
+            }
+        }
+        let mut out = Self {
+            meta: self.meta.clone(),
+            chunk_offsets: vec![0],
+            token_offsets: vec![0],
+            tokens: Vec::new(),
+            vectors: self.vectors.clone(),
+            scores: Vec::new(),
+        };
+        let mut rows = Vec::new();
+        for &(is_new, id) in from {
+            let (c, base) = match (is_new, new) {
+                (true, Some(n)) => (n, self.scores.len()),
+                (true, None) => bail!("chunk cache: passage {id} has no new cache"),
+                (false, _) => (self, 0),
+            };
+            for g in c.chunk_range(id) {
+                out.tokens.extend_from_slice(c.chunk_tokens(g));
+                out.token_offsets.push(out.tokens.len() as u32);
+                out.scores.push(c.score(g));
+                rows.push((base + g) as u32);
+            }
+            out.chunk_offsets.push(out.token_offsets.len() as u32 - 1);
+        }
+        let all = match new {
+            Some(n) => Tensor::cat(&[&self.vectors, &n.vectors], 0)?,
+            None => self.vectors.clone(),
+        };
+        out.vectors = all.index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?;
+        out.meta.passages = from.len();
+        out.meta.chunks = out.scores.len();
+        Ok(out)
+    }
+
     /// Global chunk indices of passage `id`.
     pub fn chunk_range(&self, id: usize) -> std::ops::Range<usize> {
         self.chunk_offsets[id] as usize..self.chunk_offsets[id + 1] as usize

@@ -128,6 +128,32 @@ pub struct RetrieveArgs {
     pub retrieval: RetrievalMode,
 }
 
+/// Retrieval flags of `eval`, where `--index_dir` may be left out for a SQuAD-format file.
+#[derive(Debug, Clone, Args)]
+pub struct EvalRetrieveArgs {
+    /// Index directory written by `refrag index` [default for a SQuAD-format --rag_json: a
+    /// temporary index of its paragraphs, removed at the end].
+    #[arg(long = "index_dir", alias = "index-dir")]
+    pub index_dir: Option<PathBuf>,
+    /// Number of passages to retrieve.
+    #[arg(long, default_value_t = 8)]
+    pub topk: usize,
+    /// Ranking to retrieve with.
+    #[arg(long, value_enum, default_value_t = RetrievalMode::Hybrid)]
+    pub retrieval: RetrievalMode,
+}
+
+impl EvalRetrieveArgs {
+    /// These flags with `index_dir` as the index.
+    pub fn with_index_dir(&self, index_dir: PathBuf) -> RetrieveArgs {
+        RetrieveArgs {
+            index_dir,
+            topk: self.topk,
+            retrieval: self.retrieval,
+        }
+    }
+}
+
 /// Which question/answer pairs a QA training run uses.
 #[derive(Debug, Clone, Args)]
 pub struct AnswerableArg {
@@ -171,13 +197,30 @@ pub struct CompressArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct IndexArgs {
-    /// Text file, one passage per line (blank lines are skipped and counted; passage ids count
-    /// the passages, 0-based, not the lines).
+    /// A file or a directory (recursive) of .txt, .md and .jsonl (`text`, optional `id`,
+    /// `title`) documents; a .txt is one passage per line unless it reads as prose (see the
+    /// README) (blank lines skipped and counted; passage ids count the passages, not the lines).
     #[arg(long)]
     pub corpus: PathBuf,
-    /// Refuse a corpus with a blank line instead of skipping it.
+    /// Refuse a one-passage-per-line corpus with a blank line instead of skipping it.
     #[arg(long)]
     pub strict: bool,
+    /// Most retrieval-model tokens per passage of a document [default: the embedder's window
+    /// less its two special tokens, 254 for all-MiniLM-L6-v2].
+    #[arg(long = "passage_tokens", alias = "passage-tokens")]
+    pub passage_tokens: Option<usize>,
+    /// Tokens of whole sentences a passage repeats from the one before when a paragraph is cut.
+    #[arg(
+        long = "passage_overlap",
+        alias = "passage-overlap",
+        default_value_t = 32
+    )]
+    pub passage_overlap: usize,
+    /// Add the documents of --corpus to the existing --index_dir: new ones are added, changed
+    /// ones (same name, other content) replace their passages, unchanged ones are not embedded
+    /// again.
+    #[arg(long, conflicts_with = "force")]
+    pub append: bool,
     /// Output directory (written atomically: a temporary directory renamed at the end).
     #[arg(long = "index_dir", alias = "index-dir")]
     pub index_dir: PathBuf,
@@ -486,11 +529,12 @@ pub enum EvalMode {
 
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
-    /// JSONL of question/answer pairs (`id`, `question`, `answers`).
+    /// JSONL of question/answer pairs (`id`, `question`, `answers`), or a SQuAD-format JSON
+    /// file (`data[].paragraphs[].qas[]`, told apart by its content).
     #[arg(long = "rag_json", alias = "rag-json")]
     pub rag_json: PathBuf,
     #[command(flatten)]
-    pub retrieve: RetrieveArgs,
+    pub retrieve: EvalRetrieveArgs,
     #[command(flatten)]
     pub embed: EmbedModelArg,
     #[command(flatten)]

@@ -6,7 +6,10 @@
 //! index_dir/
 //!   manifest.json    typed [`Manifest`]: model, dim, pooling, count, corpus sha256, files, ...
 //!   dense.faiss      FAISS index (inner product on L2-normalised vectors), ids = passage ids
-//!   passages.jsonl   one {"id": i, "text": "..."} per line, in corpus order
+//!   passages.jsonl   one {"id": i, "text": "...", "source", "title"?, "span"} per line, in
+//!                    corpus order (indexes built before documents have no source fields)
+//!   vectors.safetensors  the passages' embeddings, `vectors` (count, dim) f32, so that
+//!                    `index --append` rebuilds the FAISS index without embedding them again
 //! ```
 //!
 //! The BM25 index is rebuilt from `passages.jsonl` when the index is opened ([`lexical`]). Other
@@ -20,7 +23,10 @@
 //! one atomic step; what a killed build leaves beside the index is cleaned by the next writer,
 //! [`crate::recover`]).
 
+pub mod append;
+pub mod documents;
 pub mod lexical;
+pub mod split;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -34,6 +40,7 @@ use sha2::{Digest, Sha256};
 
 use crate::embed::Pooling;
 use crate::hub::ModelFiles;
+pub use documents::{PassageSource, SourcedPassage};
 pub use lexical::{Bm25Index, Bm25Params};
 
 /// The manifest's file name.
@@ -42,6 +49,8 @@ pub const MANIFEST: &str = "manifest.json";
 pub const DENSE: &str = "dense.faiss";
 /// The passages' file name.
 pub const PASSAGES: &str = "passages.jsonl";
+/// The stored embeddings' file name.
+pub const VECTORS: &str = "vectors.safetensors";
 /// The layout version this build writes and reads.
 pub const FORMAT: u32 = 1;
 
@@ -81,6 +90,14 @@ pub struct Manifest {
     pub bm25: Bm25Manifest,
     /// Files `index` wrote, relative to the index directory.
     pub files: Vec<String>,
+    /// `--passage_tokens` and `--passage_overlap` of the documents (absent in older indexes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passage_tokens: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passage_overlap: Option<usize>,
+    /// The documents, in passage order: each one's passages follow the previous one's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub documents: Vec<DocumentEntry>,
     /// Seconds since the Unix epoch.
     pub created_unix: u64,
 }
@@ -94,11 +111,36 @@ pub struct Bm25Manifest {
     pub tokenizer: String,
 }
 
-/// One stored passage.
+/// A document of the index: its name, content hash and number of passages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocumentEntry {
+    pub source: String,
+    pub sha256: String,
+    pub passages: usize,
+}
+
+/// One stored passage (the source fields are absent in indexes built before documents).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PassageRecord {
     pub id: usize,
     pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span: Option<[usize; 2]>,
+}
+
+impl PassageRecord {
+    /// Its source, when the index recorded one.
+    pub fn origin(&self) -> Option<PassageSource> {
+        Some(PassageSource {
+            source: self.source.clone()?,
+            title: self.title.clone(),
+            span: self.span?,
+        })
+    }
 }
 
 /// Read `manifest.json`, checking that `dir` is an index of a format this build reads.
@@ -312,17 +354,58 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Write passages as JSONL.
-pub fn write_passages(path: &Path, passages: &[String]) -> Result<()> {
+/// Write passages with their sources as JSONL.
+pub fn write_passages(path: &Path, passages: &[SourcedPassage]) -> Result<()> {
     let rows: Vec<PassageRecord> = passages
         .iter()
         .enumerate()
-        .map(|(id, text)| PassageRecord {
+        .map(|(id, p)| PassageRecord {
             id,
-            text: text.clone(),
+            text: p.text.clone(),
+            source: Some(p.source.source.clone()),
+            title: p.source.title.clone(),
+            span: Some(p.source.span),
         })
         .collect();
     write_file(path, crate::jsonio::to_jsonl(&rows)?.as_bytes())
+}
+
+/// Write the embeddings (`n * dim` row-major) beside the index.
+pub fn write_vectors(dir: &Path, vectors: &[f32], dim: usize) -> Result<()> {
+    let path = dir.join(VECTORS);
+    let t = candle_core::Tensor::from_slice(
+        vectors,
+        (vectors.len() / dim.max(1), dim),
+        &candle_core::Device::Cpu,
+    )?;
+    candle_core::safetensors::save(&std::collections::HashMap::from([("vectors", t)]), &path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Read the stored embeddings of an index directory, checked against the manifest.
+pub fn read_vectors(dir: &Path, m: &Manifest) -> Result<Vec<f32>> {
+    let path = dir.join(VECTORS);
+    if !path.is_file() {
+        bail!(
+            "index dir {}: no {VECTORS} (built by an older refrag); rebuild it without --append",
+            dir.display()
+        );
+    }
+    let t = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let v = t
+        .get("vectors")
+        .with_context(|| format!("{}: no tensor 'vectors'", path.display()))?;
+    if v.dims() != [m.count, m.dim] {
+        bail!(
+            "{}: shape {:?}, but {MANIFEST} says ({}, {}); rebuild the index",
+            path.display(),
+            v.dims(),
+            m.count,
+            m.dim
+        );
+    }
+    Ok(v.flatten_all()?.to_vec1()?)
 }
 
 /// Write `manifest.json` into `dir`.
@@ -334,6 +417,14 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
 
 /// Read the passages of an index directory, checking ids and count against the manifest.
 pub fn read_passages(dir: &Path, m: &Manifest) -> Result<Vec<String>> {
+    Ok(read_passage_records(dir, m)?
+        .into_iter()
+        .map(|r| r.text)
+        .collect())
+}
+
+/// [`read_passages`] with the sources.
+pub fn read_passage_records(dir: &Path, m: &Manifest) -> Result<Vec<PassageRecord>> {
     let path = dir.join(PASSAGES);
     let rows: Vec<PassageRecord> = crate::jsonio::read_jsonl(&path)?;
     if rows.len() != m.count || rows.iter().enumerate().any(|(i, r)| r.id != i) {
@@ -343,7 +434,7 @@ pub fn read_passages(dir: &Path, m: &Manifest) -> Result<Vec<String>> {
             m.count
         );
     }
-    Ok(rows.into_iter().map(|r| r.text).collect())
+    Ok(rows)
 }
 
 /// A temporary directory beside the target index directory; [`Staging::commit`] renames it into

@@ -32,6 +32,7 @@ pub mod recover;
 pub mod retrieve;
 pub mod sample;
 pub mod select;
+pub mod squad;
 pub mod testing;
 pub mod train;
 pub mod weights;

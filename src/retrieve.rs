@@ -115,6 +115,8 @@ pub struct Retriever {
     dir: PathBuf,
     manifest: Manifest,
     passages: Vec<String>,
+    /// Each passage's source, when the index recorded one.
+    sources: Vec<Option<index::PassageSource>>,
     dense: Mutex<DenseIndex>,
     lexical: Bm25Index,
     embed_arg: String,
@@ -131,7 +133,9 @@ impl Retriever {
             let files = hub::resolve(arg)?;
             check_model(dir, &manifest, &files)?;
         }
-        let passages = index::read_passages(dir, &manifest)?;
+        let records = index::read_passage_records(dir, &manifest)?;
+        let sources = records.iter().map(index::PassageRecord::origin).collect();
+        let passages = records.into_iter().map(|r| r.text).collect::<Vec<_>>();
         let dense = index::read_dense(dir, &manifest)?;
         let params = Bm25Params {
             k1: manifest.bm25.k1,
@@ -151,6 +155,7 @@ impl Retriever {
             embed_arg: embed_model.map_or_else(|| manifest_model(&manifest), str::to_string),
             manifest,
             passages,
+            sources,
             dense: Mutex::new(DenseIndex(dense)),
             lexical,
             device: device.clone(),
@@ -169,6 +174,11 @@ impl Retriever {
     /// All passages, by id.
     pub fn passages(&self) -> &[String] {
         &self.passages
+    }
+
+    /// Where passage `id` comes from (`None` in an index built before documents).
+    pub fn source(&self, id: usize) -> Option<&index::PassageSource> {
+        self.sources.get(id).and_then(Option::as_ref)
     }
 
     /// The embedding model, loaded (and checked against the manifest) on first call.

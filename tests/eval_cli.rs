@@ -308,3 +308,103 @@ fn bad_flags_fail_in_one_line() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("missing.jsonl"), "{}", stderr(&o));
 }
+
+#[test]
+fn squad_file_runs_without_conversion_or_index() {
+    let f = Fixture::new();
+    let mut paragraphs = Vec::new();
+    for i in 0..6 {
+        let (city, river) = (20_000 + i, 500 + 3 * i);
+        paragraphs.push(serde_json::json!({
+            "context": format!("City_{city} lies on the banks of River_{river}. It was founded in {}.", 1600 + i),
+            "qas": [
+                {"id": format!("s{i}"), "question": format!("Which river flows through City_{city}?"),
+                 "answers": [{"text": format!("River_{river}"), "answer_start": 25}]},
+                {"id": format!("u{i}"), "question": "Unanswerable?", "answers": [], "is_impossible": true},
+            ],
+        }));
+    }
+    let squad = serde_json::json!({"version": "v2.0", "data": [
+        {"title": "Atlas", "paragraphs": paragraphs[..3]},
+        {"title": "Gazetteer", "paragraphs": paragraphs[3..]},
+    ]});
+    std::fs::write(f.path("dev.json"), squad.to_string()).unwrap();
+    let (q, b, d, o) = (f.s("dev.json"), f.s("bert"), f.s("dec"), f.s("squad.json"));
+    let common = [
+        "eval",
+        "--rag_json",
+        &q,
+        "--embed_model",
+        &b,
+        "--enc",
+        &b,
+        "--dec",
+        &d,
+        "--k",
+        "4",
+        "--topk",
+        "1",
+        "--retrieval",
+        "lexical",
+        "--max_new",
+        "2",
+        "--ctx_max",
+        "320",
+        "--modes",
+        "full",
+        "--quiet",
+    ];
+    // No --index_dir: the paragraphs become a temporary index, removed at the end.
+    let tmp_before = squad_tmp_dirs();
+    let mut args = common.to_vec();
+    args.extend(["--out", &o]);
+    let out = refrag(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("skipped 6 questions without answers"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("indexed the 6 paragraphs"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(squad_tmp_dirs(), tmp_before);
+    let report = f.report("squad.json");
+    assert_eq!(report["n"], 6);
+    assert_eq!(report["recall_at_topk"], 1.0, "{report}");
+    assert_eq!(report["questions"][0]["id"], "s0");
+    assert_eq!(report["questions"][0]["answers"][0], "River_500");
+    // With --index_dir the given index is used instead.
+    let i = f.s("idx");
+    let mut args = common.to_vec();
+    args.extend(["--out", &o, "--index_dir", &i]);
+    let out = refrag(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("temporary index"));
+    assert_eq!(f.report("squad.json")["recall_at_topk"], 0.0);
+    // A QA JSONL file has no paragraphs to index: --index_dir is required.
+    let qa = f.s("qa.jsonl");
+    let out = refrag(&["eval", "--rag_json", &qa, "--out", &o, "--quiet"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("--index_dir is required"), "{err}");
+}
+
+/// The `refrag-squad-*` temporary directories that exist now.
+fn squad_tmp_dirs() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("refrag-squad-")
+        })
+        .collect();
+    v.sort();
+    v
+}

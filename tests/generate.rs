@@ -536,6 +536,11 @@ fn assert_sources_match_the_mask(g: &Value) {
         assert_eq!(s["rank"], i + 1);
         assert_eq!(&s["id"], &ids[i]);
         assert!(s["score"].is_number(), "{s}");
+        // Where the passage lies in the corpus: its file and character span (one line here).
+        assert!(
+            s["source"].is_string() && s["span"][1].as_u64() > s["span"][0].as_u64(),
+            "{s}"
+        );
         let u = |k: &str| s[k].as_u64().unwrap() as usize;
         let range = [
             s["chunk_range"][0].as_u64().unwrap() as usize,

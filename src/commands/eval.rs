@@ -3,11 +3,13 @@
 //! policy), on the same decoder and the same retrieved passages. Retrieval and tokenization are
 //! done once per question and shared by the modes. Writes a JSON report (`--out`) and prints a
 //! markdown table: exact match, token F1, recall@topk, TTFT and TTIT, compression achieved.
+//! `--rag_json` may also be a SQuAD-format file ([`crate::squad`]); without `--index_dir` its
+//! paragraphs are indexed into a temporary directory, removed at the end.
 
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::json;
 
@@ -151,18 +153,29 @@ fn resolve_modes(asked: &[EvalMode], have_policy: bool) -> Result<Vec<EvalMode>>
 
 pub fn run(a: &EvalArgs) -> Result<()> {
     validate(a)?;
+    let (qas, squad) = read_questions(a)?;
     let a = &EvalArgs {
         compress: crate::commands::generate::with_weights(&a.compress, &a.models)?,
         ..a.clone()
     };
-    let mut qas: Vec<QaPair> = crate::corpus::read_qa(&a.rag_json)?;
-    qas.truncate(a.limit.unwrap_or(usize::MAX));
     check_questions(a, &qas)?;
     let load_dir = a.compress.load_dir.as_deref();
     let trained = load_dir.map(RefragConfig::read).transpose()?;
     let modes = resolve_modes(&a.modes, trained.is_some_and(|c| c.has("policy")))?;
+    // A temporary index of a SQuAD file's paragraphs is removed when `run` returns.
+    let (retrieve, _tmp) = match (&a.retrieve.index_dir, &squad) {
+        (Some(d), _) => (a.retrieve.with_index_dir(d.clone()), None),
+        (None, Some(s)) => {
+            let tmp = squad_index(a, s)?;
+            (
+                a.retrieve.with_index_dir(tmp.path().join("index")),
+                Some(tmp),
+            )
+        }
+        (None, None) => unreachable!("read_questions refuses it"),
+    };
     let (dev, retriever, dec, refrag, cache) =
-        open_pipeline(&a.retrieve, &a.embed, &a.models, &a.compress, &a.runtime)?;
+        open_pipeline(&retrieve, &a.embed, &a.models, &a.compress, &a.runtime)?;
     let ev = Evaluator {
         args: a,
         refrag: &refrag,
@@ -206,6 +219,60 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     );
     eprintln!("refrag: wrote {}", a.out.display());
     Ok(())
+}
+
+/// The questions of `--rag_json` (QA JSONL or SQuAD, up to `--limit`), and the SQuAD file when
+/// it is one; without `--index_dir` it must be one.
+fn read_questions(a: &EvalArgs) -> Result<(Vec<QaPair>, Option<crate::squad::Squad>)> {
+    let squad = crate::squad::read_if_squad(&a.rag_json)?;
+    let mut qas: Vec<QaPair> = match &squad {
+        Some(s) => s.qas.clone(),
+        None => crate::corpus::read_qa(&a.rag_json)?,
+    };
+    if a.retrieve.index_dir.is_none() && squad.is_none() {
+        bail!(
+            "--index_dir is required: --rag_json {} is QA JSONL, not a SQuAD-format file whose paragraphs could be indexed",
+            a.rag_json.display()
+        );
+    }
+    qas.truncate(a.limit.unwrap_or(usize::MAX));
+    Ok((qas, squad))
+}
+
+/// Index the paragraphs of a SQuAD file into `index/` of a temporary directory, with the
+/// retrieval model of `--embed_model` and default passage settings.
+fn squad_index(a: &EvalArgs, squad: &crate::squad::Squad) -> Result<tempfile::TempDir> {
+    let tmp = tempfile::Builder::new()
+        .prefix("refrag-squad-")
+        .tempdir()
+        .context("creating a temporary directory for the SQuAD index")?;
+    let corpus = tmp.path().join("paragraphs.jsonl");
+    crate::squad::write_corpus(&squad.paragraphs, &corpus)?;
+    let args = crate::cli::IndexArgs {
+        corpus,
+        strict: false,
+        passage_tokens: None,
+        passage_overlap: 32,
+        append: false,
+        index_dir: tmp.path().join("index"),
+        embed: a.embed.clone(),
+        index_type: "Flat".to_string(),
+        batch_size: 64,
+        enc: None,
+        dec: None,
+        k: None,
+        load_dir: None,
+        no_weights: false,
+        force: false,
+        runtime: a.runtime.clone(),
+    };
+    crate::commands::index::run(&args)?;
+    eprintln!(
+        "refrag: indexed the {} paragraphs of {} into a temporary index",
+        squad.paragraphs.len(),
+        a.rag_json.display()
+    );
+    Ok(tmp)
 }
 
 impl Evaluator<'_> {

@@ -1,6 +1,6 @@
 //! `refrag generate`: retrieve, chunk, compress, select, expand, prefill, decode; print one JSON
-//! object with the answer, its sources (each retrieved passage's rank, id, score and which of its
-//! chunks were expanded), the time to first token split by stage, and the compression achieved.
+//! object with the answer, its sources (each retrieved passage's rank, id, score, source file or
+//! id with title and character span, and which of its chunks were expanded), the time to first token split by stage, and the compression achieved.
 //! With `--questions FILE`, the models load once and each question gets one compact line
 //! ([`super::questions`]).
 
@@ -15,6 +15,7 @@ use crate::cli::{
     RuntimeArgs, SelectMode,
 };
 use crate::decoder::DecoderTokenizer;
+use crate::index::PassageSource;
 use crate::pipeline::{Passage, Refrag, StageTimes};
 use crate::prompt::PromptLayout;
 use crate::retrieve::{Hit, Retriever};
@@ -142,9 +143,15 @@ fn check_one(
 /// ranks in the dense and BM25 lists when it is in them), and what became of its chunks: how
 /// many reached the decoder (0 when `--ctx_max` cut the passage off), which of them (0-based
 /// within the passage) were expanded and how many stayed compressed, and `chunk_range`, the
-/// indices `[start, end)` of its chunks in `meta.expand_mask`. The layout keeps the passages in
-/// retrieval order, each one's chunks contiguous.
-pub fn sources(hits: &[Hit], layout: &PromptLayout, mask: &[bool]) -> Vec<Value> {
+/// indices `[start, end)` of its chunks in `meta.expand_mask`; and, from `origins`, its `source`,
+/// `title` and character `span` in the source (absent for an index built before documents). The
+/// layout keeps the passages in retrieval order, each one's chunks contiguous.
+pub fn sources(
+    hits: &[Hit],
+    origins: &[Option<&PassageSource>],
+    layout: &PromptLayout,
+    mask: &[bool],
+) -> Vec<Value> {
     let mut at = 0;
     hits.iter()
         .enumerate()
@@ -172,6 +179,13 @@ pub fn sources(hits: &[Hit], layout: &PromptLayout, mask: &[bool]) -> Vec<Value>
             }
             if let Some(r) = h.lexical_rank {
                 s["lexical_rank"] = r.into();
+            }
+            if let Some(Some(o)) = origins.get(p) {
+                s["source"] = o.source.clone().into();
+                if let Some(t) = &o.title {
+                    s["title"] = t.clone().into();
+                }
+                s["span"] = json!(o.span);
             }
             s
         })
@@ -227,6 +241,7 @@ impl<'a> Session<'a> {
             .retriever
             .retrieve(question, a.retrieve.topk, a.retrieve.retrieval)?;
         times.retrieval = t.elapsed().as_secs_f64();
+        let origins: Vec<_> = hits.iter().map(|h| self.retriever.source(h.id)).collect();
         let passages: Vec<Passage> = hits.iter().map(Passage::from).collect();
         let t = Instant::now();
         let prep = refrag.prepare(question, &passages, cache, c.k, c.ctx_max)?;
@@ -245,7 +260,7 @@ impl<'a> Session<'a> {
         Ok(json!({
             "question": question,
             "passages": hits.iter().map(|h| &h.text).collect::<Vec<_>>(),
-            "sources": sources(&hits, &prep.layout, &mask),
+            "sources": sources(&hits, &origins, &prep.layout, &mask),
             "answer": g.answer,
             "TTFT_sec": g.times.ttft(),
             "TTIT_avg_sec": g.ttit,

@@ -1,7 +1,9 @@
 //! `refrag search`: retrieve passages for a question and print them with scores as JSON.
 //!
 //! Output (stdout): `{"question": .., "retrieval": "hybrid", "hits": [{"rank", "id", "score",
-//! "text", "dense_rank"?, "lexical_rank"?}, ..]}`; ranks are 1-based, `id` is the passage's id in
+//! "text", "dense_rank"?, "lexical_rank"?, "source", "title"?, "span"}, ..]}` (`span`: the
+//! passage's characters `[start, end)` in its source; the three source fields are absent for an
+//! index built before documents); ranks are 1-based, `id` is the passage's id in
 //! the index. With `--questions FILE`, one such object per question and line, compact, with the
 //! question's `id` and `line` first ([`super::questions`]); the index is opened once.
 
@@ -9,6 +11,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::cli::{RetrievalMode, SearchArgs};
+use crate::index::PassageSource;
 use crate::retrieve::{Hit, Retriever};
 
 use super::questions;
@@ -25,6 +28,9 @@ struct RankedHit {
     rank: usize,
     #[serde(flatten)]
     hit: Hit,
+    /// `source`, `title`?, `span` (absent for an index built before documents).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    source: Option<PassageSource>,
 }
 
 pub fn run(args: &SearchArgs) -> Result<()> {
@@ -61,7 +67,11 @@ pub fn run(args: &SearchArgs) -> Result<()> {
             hits: hits
                 .into_iter()
                 .enumerate()
-                .map(|(i, hit)| RankedHit { rank: i + 1, hit })
+                .map(|(i, hit)| RankedHit {
+                    rank: i + 1,
+                    source: retriever.source(hit.id).cloned(),
+                    hit,
+                })
                 .collect(),
         })
     };
