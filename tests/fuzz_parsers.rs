@@ -365,10 +365,29 @@ fn index_manifest_and_passages_survive_damaged_files() {
             tokenizer: "x".into(),
         },
         files: vec![index::DENSE.into()],
+        passage_tokens: Some(254),
+        passage_overlap: Some(32),
+        documents: vec![index::DocumentEntry {
+            source: "corpus.txt".into(),
+            sha256: "ef".repeat(32),
+            passages: passages.len(),
+        }],
         created_unix: 1,
     };
+    let sourced: Vec<index::SourcedPassage> = passages
+        .iter()
+        .enumerate()
+        .map(|(i, t)| index::SourcedPassage {
+            text: t.clone(),
+            source: index::PassageSource {
+                source: format!("corpus.txt:{}", i + 1),
+                title: (i % 2 == 0).then(|| format!("Title {i}")),
+                span: [0, t.chars().count()],
+            },
+        })
+        .collect();
     index::write_manifest(d, &m).unwrap();
-    index::write_passages(&d.join(index::PASSAGES), &passages).unwrap();
+    index::write_passages(&d.join(index::PASSAGES), &sourced).unwrap();
     let names = [index::MANIFEST, index::PASSAGES];
     let valid = read_all(d, &names);
     proptest!(config(), |(pick in any::<Index>(), m in mutation())| {
