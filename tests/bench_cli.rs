@@ -3,21 +3,13 @@
 //! p = 1 gives the full-context input, that p < 1 compresses, that contexts the decoder cannot
 //! hold are skipped, and that the plot is written.
 
+mod common;
+use common::{refrag, stderr};
+
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
-
-fn refrag(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_refrag"))
-        .args(args)
-        .output()
-        .expect("running refrag")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 struct Fixture {
     dir: tempfile::TempDir,

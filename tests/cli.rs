@@ -1,7 +1,8 @@
 //! The command line: every command line of the seed README (with `python refrag.py` replaced by
 //! `refrag`) parses, kebab-case aliases work, and usage errors are one line with exit status 2.
 
-use std::process::Command;
+mod common;
+use common::refrag;
 
 use clap::Parser;
 use refrag::cli::{Cli, Command as Cmd};
@@ -87,13 +88,6 @@ fn kebab_case_aliases_parse() {
     ] {
         Cli::try_parse_from(words(line)).unwrap_or_else(|e| panic!("{line}\n{e}"));
     }
-}
-
-fn refrag(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_refrag"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[test]

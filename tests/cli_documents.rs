@@ -3,22 +3,14 @@
 //! meaningless, so retrieval of text deep inside a long file is checked with BM25 here, and with
 //! the real all-MiniLM-L6-v2 in an ignored test.
 
+mod common;
+use common::{refrag, stderr};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use refrag::index::documents::Splitter;
 use serde_json::Value;
-
-fn refrag(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_refrag"))
-        .args(args)
-        .output()
-        .expect("running refrag")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn ok(o: Output) -> Output {
     assert!(o.status.success(), "stderr: {}", stderr(&o));

@@ -2,21 +2,13 @@
 //! fresh temporary directory (nothing downloads). Bad input must give a one-line error, a
 //! non-zero exit, and leave an existing index untouched.
 
+mod common;
+use common::{json, refrag, stderr};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
-
-fn refrag(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_refrag"))
-        .args(args)
-        .output()
-        .expect("running refrag")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// The error lines of stderr: everything but the device report and FAISS/refrag warnings.
 fn error_lines(o: &Output) -> Vec<String> {
@@ -137,11 +129,6 @@ fn city7_kept(out: &Value) -> bool {
         .unwrap()
         .iter()
         .any(|h| h["id"] == 0 && h["lexical_rank"] == 1)
-}
-
-fn json(o: &Output) -> Value {
-    assert!(o.status.success(), "stderr: {}", stderr(o));
-    serde_json::from_slice(&o.stdout).expect("search prints JSON")
 }
 
 #[test]

@@ -4,6 +4,9 @@
 //! equals one-by-one, gradients reach the input embeddings, and the GGUF-rebuilt tokenizer
 //! equals `tokenizer.json`.
 
+mod common;
+use common::max_diff;
+
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
@@ -14,19 +17,6 @@ use refrag::hub;
 use refrag::testing::llama as tiny;
 
 const IDS: [u32; 12] = [1, 40, 250, 7, 99, 300, 12, 2, 150, 61, 3, 200];
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn ids(v: &[u32]) -> Tensor {
     Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap()

@@ -3,21 +3,13 @@
 //! fields, that p = 1 gives exactly the full-context answers and positions, that p < 1
 //! compresses, and that bad flags fail in one line.
 
+mod common;
+use common::{refrag, stderr};
+
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
-
-fn refrag(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_refrag"))
-        .args(args)
-        .output()
-        .expect("running refrag")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// A scratch directory with `bert/`, `dec/`, a corpus of entity passages, its QA pairs, and an
 /// index `idx` (no chunk cache) plus `idx_cached` (chunk cache for `dec`, k = 4).

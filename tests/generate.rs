@@ -2,8 +2,11 @@
 //! full-context input (same embeddings, same logits), the chunk cache changes nothing but the
 //! time, the same seed gives the same output, and bad flags get a one-line error.
 
+mod common;
+use common::{json, max_diff, refrag};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{DType, Device, Tensor};
 use refrag::chunk_cache::ChunkCache;
@@ -75,7 +78,7 @@ impl Fixture {
                 .map(String::from),
             );
         }
-        run(&args)
+        refrag(&args)
     }
 
     fn generate(&self, index: &str, extra: &[&str]) -> Output {
@@ -121,24 +124,8 @@ impl Fixture {
                 args.extend([flag, value].map(String::from));
             }
         }
-        run(&args)
+        refrag(&args)
     }
-}
-
-fn run(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_refrag"))
-        .args(args)
-        .output()
-        .expect("running refrag")
-}
-
-fn json(o: &Output) -> Value {
-    assert!(
-        o.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).expect("one JSON object on stdout")
 }
 
 fn load(dir: &Path) -> Refrag {
@@ -146,31 +133,23 @@ fn load(dir: &Path) -> Refrag {
     Refrag::load(Some(&s("bert")), &s("llama"), None, 0, &Device::Cpu).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-#[test]
-fn p_one_is_exactly_the_full_context_input() {
-    let f = Fixture::new();
-    let r = load(f.dir.path());
-    let passages: Vec<Passage> = PASSAGES
+/// [`PASSAGES`] as retrieved passages, ids in order.
+fn passages() -> Vec<Passage> {
+    PASSAGES
         .iter()
         .enumerate()
         .map(|(id, t)| Passage {
             id,
             text: t.to_string(),
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn p_one_is_exactly_the_full_context_input() {
+    let f = Fixture::new();
+    let r = load(f.dir.path());
+    let passages = passages();
     let prep = r
         .prepare(
             "Which river flows through City_10007?",
@@ -215,14 +194,7 @@ fn p_one_is_exactly_the_full_context_input() {
 fn bench_path_is_the_generate_path() {
     let f = Fixture::new();
     let r = load(f.dir.path());
-    let passages: Vec<Passage> = PASSAGES
-        .iter()
-        .enumerate()
-        .map(|(id, t)| Passage {
-            id,
-            text: t.to_string(),
-        })
-        .collect();
+    let passages = passages();
     let q = "Which river flows through City_10007?";
     let plain = r.prepare(q, &passages, None, 4, 4096).unwrap();
     let l = plain.layout.chunks.len();
@@ -274,14 +246,7 @@ fn bench_path_is_the_generate_path() {
 fn compression_shrinks_the_input_and_keeps_the_template() {
     let f = Fixture::new();
     let r = load(f.dir.path());
-    let passages: Vec<Passage> = PASSAGES
-        .iter()
-        .enumerate()
-        .map(|(id, t)| Passage {
-            id,
-            text: t.to_string(),
-        })
-        .collect();
+    let passages = passages();
     let prep = r.prepare("q?", &passages, None, 4, 4096).unwrap();
     let mut times = StageTimes::default();
     let (mask, embeds) = r
@@ -690,7 +655,7 @@ fn question_and_questions_are_mutually_exclusive() {
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
     // Neither: a usage error too.
-    let o = run(&["generate", "--index_dir", &f.s("idx")].map(String::from));
+    let o = refrag(&["generate", "--index_dir", &f.s("idx")].map(String::from));
     assert_eq!(o.status.code(), Some(2));
     // --out belongs to --questions.
     let err = error_line(&f.generate("idx", &["--out", &f.s("o.jsonl")]));

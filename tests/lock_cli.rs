@@ -3,16 +3,12 @@
 //! the directory and the holder's pid, and a run that ended (even with an error) leaves no lock
 //! behind. The `index` side is tested with its fixture in `cli_retrieval.rs`.
 
-use std::process::{Command, Output};
+mod common;
+use common::refrag;
+
+use std::process::Output;
 
 use refrag::lock::DirLock;
-
-fn refrag(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_refrag"))
-        .args(args)
-        .output()
-        .expect("running refrag")
-}
 
 fn error_line(o: &Output) -> String {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();

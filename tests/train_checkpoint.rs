@@ -5,6 +5,9 @@
 //! loads into the pipeline with the same logits; the QA layout is `generate`'s; mismatched
 //! checkpoints fail naming the tensor.
 
+mod common;
+use common::max_diff;
+
 mod train_fixture;
 
 use std::sync::atomic::AtomicBool;
@@ -29,19 +32,6 @@ const TEXTS: [&str; 3] = ["City_7 lies on the river", "founded in 1320, the town
 
 fn dev() -> Device {
     Device::Cpu
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn train_encoder(f: &Fixture, pooling: Pooling) -> TrainEncoder {

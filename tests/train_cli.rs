@@ -3,24 +3,16 @@
 //! `eval.json`; the next stage and `generate --load_dir` use them (a trained decoder, a trained
 //! policy); misuse fails with one line naming the flag.
 
+mod common;
+use common::{refrag, stderr};
+
 mod train_fixture;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 use train_fixture::Fixture;
-
-fn refrag(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_refrag"))
-        .args(args)
-        .output()
-        .expect("running refrag")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn ok_json(o: &Output) -> Value {
     assert!(o.status.success(), "stderr: {}", stderr(o));

@@ -324,12 +324,7 @@ fn read_jsonl(path: &Path, name: &str, splitter: &Splitter) -> Result<Vec<Docume
 mod tests {
     use super::*;
 
-    fn splitter(max: usize, overlap: usize) -> (tempfile::TempDir, Splitter) {
-        let dir = tempfile::tempdir().unwrap();
-        crate::testing::bert::write_tiny_bert(dir.path(), 1, None).unwrap();
-        let s = Splitter::new(&dir.path().join("tokenizer.json"), max, overlap).unwrap();
-        (dir, s)
-    }
+    use super::super::split::test_splitter as splitter;
 
     #[test]
     fn txt_files_are_lines_unless_they_look_like_prose() {

@@ -235,16 +235,19 @@ pub(super) fn char_offsets(text: &str, bytes: &[usize]) -> Vec<usize> {
     out
 }
 
+/// A splitter over the tiny test BERT's tokenizer (the folder must outlive it).
+#[cfg(test)]
+pub(crate) fn test_splitter(max: usize, overlap: usize) -> (tempfile::TempDir, Splitter) {
+    let dir = tempfile::tempdir().unwrap();
+    crate::testing::bert::write_tiny_bert(dir.path(), 1, None).unwrap();
+    let s = Splitter::new(&dir.path().join("tokenizer.json"), max, overlap).unwrap();
+    (dir, s)
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_splitter as splitter;
     use super::*;
-
-    fn splitter(max: usize, overlap: usize) -> (tempfile::TempDir, Splitter) {
-        let dir = tempfile::tempdir().unwrap();
-        crate::testing::bert::write_tiny_bert(dir.path(), 1, None).unwrap();
-        let s = Splitter::new(&dir.path().join("tokenizer.json"), max, overlap).unwrap();
-        (dir, s)
-    }
 
     #[test]
     fn sentences_and_paragraphs() {
