@@ -417,6 +417,27 @@ pub struct CptArgs {
     pub runtime: RuntimeArgs,
 }
 
+/// The compression flags `train_policy` reads: the layout it trains on and the weights it
+/// starts from (no selection flags: the policy is what it trains).
+#[derive(Debug, Clone, Args)]
+pub struct PolicyCompressArgs {
+    /// Keep a GGUF decoder's matrices quantized (see `generate --quantized`).
+    #[arg(long)]
+    pub quantized: bool,
+    /// Decoder tokens per chunk.
+    #[arg(long, default_value_t = 16)]
+    pub k: usize,
+    /// Fraction of chunks the policy expands (its REINFORCE steps sample this many).
+    #[arg(long, default_value_t = 0.25)]
+    pub p: f64,
+    /// Cap on context tokens (decoder tokens of retrieved passages) before compression.
+    #[arg(long = "ctx_max", alias = "ctx-max", default_value_t = 2048)]
+    pub ctx_max: usize,
+    /// Weights to start from (the sft output).
+    #[arg(long = "load_dir", alias = "load-dir")]
+    pub load_dir: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct TrainPolicyArgs {
     /// JSONL of question/answer pairs (`question`, `answers`).
@@ -431,7 +452,7 @@ pub struct TrainPolicyArgs {
     #[command(flatten)]
     pub models: EncDecArgs,
     #[command(flatten)]
-    pub compress: CompressArgs,
+    pub compress: PolicyCompressArgs,
     /// Hidden width of the policy network.
     #[arg(long = "policy_hidden", alias = "policy-hidden", default_value_t = 256)]
     pub policy_hidden: usize,

@@ -109,3 +109,14 @@ fn version_lists_features() {
         "{s}"
     );
 }
+
+/// `train_policy` trains the selection policy: selection flags it would ignore are refused.
+#[test]
+fn train_policy_takes_no_selection_flags() {
+    let base = "train_policy --rag_json q.jsonl --index_dir idx --k 16 --p 0.25 --load_dir w";
+    assert!(Cli::try_parse_from(words(base)).is_ok());
+    for extra in ["--select random", "--heuristic", "--no_weights"] {
+        let line = format!("{base} {extra}");
+        assert!(Cli::try_parse_from(words(&line)).is_err(), "{line}");
+    }
+}
