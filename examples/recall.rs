@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Parser;
-use refrag::cli::RetrievalMode;
+use refrag::retrieve::RetrievalMode;
 use refrag::retrieve::Retriever;
 use serde::Deserialize;
 

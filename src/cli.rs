@@ -6,6 +6,11 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
+// Domain types the flags name live with the code that uses them.
+pub use crate::device::DeviceArg;
+pub use crate::retrieve::RetrievalMode;
+pub use crate::select::SelectMode;
+
 /// REFRAG-style retrieval-augmented generation: compress, sense/select, expand.
 #[derive(Debug, Parser)]
 #[command(name = "refrag", version = crate::VERSION_LONG, about, long_about = None)]
@@ -40,38 +45,6 @@ pub enum Command {
     Eval(EvalArgs),
     /// Time to first token of REFRAG against the full-context baseline over context lengths.
     Bench(BenchArgs),
-}
-
-/// Where to run: `auto` picks CUDA, then Metal, then the CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
-pub enum DeviceArg {
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
-    Metal,
-}
-
-/// Which ranking `search`, `generate` and the trainers retrieve with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RetrievalMode {
-    Dense,
-    Lexical,
-    /// Reciprocal-rank fusion of the dense and lexical rankings.
-    #[default]
-    Hybrid,
-}
-
-/// Which chunks to expand back to tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SelectMode {
-    None,
-    All,
-    Random,
-    Heuristic,
-    Policy,
 }
 
 /// Flags every command that runs a model shares.

@@ -3,8 +3,17 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
+use clap::ValueEnum;
 
-use crate::cli::DeviceArg;
+/// Where to run: `auto` picks CUDA, then Metal, then the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum DeviceArg {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+    Metal,
+}
 
 /// Resolve `--device` to a candle device and report the choice on stderr.
 pub fn select(arg: DeviceArg) -> Result<Device> {

@@ -12,13 +12,13 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, RefragConfig};
 use crate::chunk_cache::ChunkCache;
-use crate::cli::SelectMode;
 use crate::decoder::{Decoder, DecoderTokenizer, Logits};
 use crate::encoder::ChunkEncoder;
 use crate::policy::{Policy, PolicyConfig};
 use crate::prompt::{cap_chunks, chunk_tokens, PromptLayout, Template};
 use crate::sample::Sampler;
 use crate::select;
+use crate::select::SelectMode;
 
 /// Seconds spent in each stage before the first token.
 #[derive(Debug, Clone, Default, Serialize)]

@@ -4,6 +4,7 @@
 //! evaluation all call [`Retriever::retrieve`] (or [`Retriever::retrieve_many`] for a batch of
 //! questions). Code that only needs retrieval can take a `&dyn Retrieve`, so tests can pass fakes.
 
+use clap::ValueEnum;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -13,10 +14,20 @@ use faiss::index::IndexImpl;
 use faiss::Index;
 use serde::Serialize;
 
-use crate::cli::RetrievalMode;
 use crate::embed::BertEmbedder;
 use crate::hub::{self, ModelFiles};
 use crate::index::{self, Bm25Index, Bm25Params, Manifest};
+
+/// Which ranking `search`, `generate` and the trainers retrieve with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetrievalMode {
+    Dense,
+    Lexical,
+    /// Reciprocal-rank fusion of the dense and lexical rankings.
+    #[default]
+    Hybrid,
+}
 
 /// The `k` of reciprocal-rank fusion: a passage at rank `r` (1-based) in a list adds `1/(k + r)`.
 pub const RRF_K: f32 = 60.0;

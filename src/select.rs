@@ -2,11 +2,21 @@
 //! trained policy's scores, by the perplexity heuristic (the chunks the decoder finds hardest),
 //! at random, or none / all for ablations.
 
+use clap::ValueEnum;
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::cli::SelectMode;
+/// Which chunks to expand back to tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SelectMode {
+    None,
+    All,
+    Random,
+    Heuristic,
+    Policy,
+}
 
 /// How many of `chunks` chunks `p` expands: `round(p * chunks)`, within `0..=chunks`.
 pub fn num_expand(p: f64, chunks: usize) -> usize {

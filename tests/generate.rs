@@ -10,10 +10,10 @@ use std::process::Output;
 
 use candle_core::{DType, Device, Tensor};
 use refrag::chunk_cache::ChunkCache;
-use refrag::cli::SelectMode;
 use refrag::decoder::Logits;
 use refrag::pipeline::{Decode, Passage, Prepared, Refrag, StageTimes};
 use refrag::sample::Sampler;
+use refrag::select::SelectMode;
 use serde_json::Value;
 
 const PASSAGES: &[&str] = &[

@@ -10,10 +10,10 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use super::seq::Seq;
-use crate::cli::RetrievalMode;
 use crate::corpus::QaPair;
 use crate::decoder::DecoderTokenizer;
 use crate::prompt::{cap_chunks, chunk_tokens, PromptLayout, Template};
+use crate::retrieve::RetrievalMode;
 use crate::retrieve::Retrieve;
 
 /// How passages are retrieved and laid out.
