@@ -10,9 +10,9 @@
 //! passages). Randomness comes from ChaCha8 through [`below`], never through `rand`'s
 //! distributions, whose algorithms may change between versions.
 
+use crate::schema::{CptItem, QaPair, Split};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
 /// Passages in `corpus_small.txt` (the first lines of `corpus_large.txt`).
 pub const SMALL_PASSAGES: usize = 500;
@@ -40,47 +40,6 @@ pub const ENTITY_BASE: usize = 10_000;
 const TRAIN_ENTITIES: [usize; 4] = [172, 171, 171, 171];
 /// The same for `rag_test.jsonl`: 43·3 + 43 + 43·2 + 42 = 300 questions.
 const TEST_ENTITIES: [usize; 4] = [43, 43, 43, 42];
-
-/// One question and its accepted answers (a line of `rag_train.jsonl` / `rag_test.jsonl`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QaPair {
-    /// The line number (1-based) when the file has no `id` (SQuAD-style files often do not).
-    #[serde(default)]
-    pub id: String,
-    pub question: String,
-    pub answers: Vec<String>,
-}
-
-/// Read a QA JSONL file (`question`, `answers`, optional `id`; other fields ignored); a pair
-/// without an `id` gets its line number.
-pub fn read_qa(path: &std::path::Path) -> anyhow::Result<Vec<QaPair>> {
-    let rows: Vec<(usize, QaPair)> = crate::jsonio::read_jsonl_numbered(path)?;
-    Ok(rows
-        .into_iter()
-        .map(|(line, mut row)| {
-            if row.id.is_empty() {
-                row.id = line.to_string();
-            }
-            row
-        })
-        .collect())
-}
-
-/// How a CPT text is cut: `s` decoder tokens of context, then `o` tokens of continuation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Split {
-    pub s: usize,
-    pub o: usize,
-}
-
-/// One continual-pretraining item (a line of `cpt_train.jsonl`). `tokens` is plain text; the key
-/// name is the seed's.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CptItem {
-    pub id: String,
-    pub tokens: String,
-    pub split: Split,
-}
 
 /// Everything `make_corpus` writes, before formatting.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -490,19 +449,6 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
     use std::sync::OnceLock;
-
-    #[test]
-    fn qa_lines_without_id_get_their_line_number() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("qa.jsonl");
-        std::fs::write(
-            &p,
-            "{\"question\":\"a?\",\"answers\":[\"x\"],\"title\":\"T\"}\n\n{\"id\":\"k\",\"question\":\"b?\",\"answers\":[\"y\"]}\n{\"question\":\"c?\",\"answers\":[\"z\"]}\n",
-        )
-        .unwrap();
-        let ids: Vec<String> = read_qa(&p).unwrap().into_iter().map(|q| q.id).collect();
-        assert_eq!(ids, ["1", "k", "4"]);
-    }
 
     fn seed0() -> &'static DataSet {
         static DS: OnceLock<DataSet> = OnceLock::new();

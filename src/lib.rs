@@ -31,6 +31,7 @@ pub mod prompt;
 pub mod recover;
 pub mod retrieve;
 pub mod sample;
+pub mod schema;
 pub mod select;
 pub mod squad;
 pub mod testing;

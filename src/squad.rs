@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::corpus::QaPair;
+use crate::schema::QaPair;
 
 /// A SQuAD file's questions and paragraphs.
 #[derive(Debug, Clone, PartialEq)]

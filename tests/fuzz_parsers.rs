@@ -462,7 +462,7 @@ fn jsonl_and_corpus_readers_survive_damaged_files() {
         .collect();
     proptest!(config(), |(m in mutation())| {
         write(&p, &apply(rows.as_bytes(), &[], &m));
-        let _ = refrag::jsonio::read_jsonl::<refrag::corpus::QaPair>(&p);
+        let _ = refrag::jsonio::read_jsonl::<refrag::schema::QaPair>(&p);
         let _ = refrag::jsonio::read_jsonl::<serde_json::Value>(&p);
         let _ = refrag::jsonio::read_corpus_counted(&p, false);
         let _ = refrag::jsonio::read_corpus_counted(&p, true);

@@ -17,11 +17,11 @@ use crate::checkpoint::RefragConfig;
 use crate::chunk_cache::ChunkCache;
 use crate::cli::{EvalArgs, EvalMode, SelectMode};
 use crate::commands::generate::{decoder_limits, open_pipeline, validate_compress};
-use crate::corpus::QaPair;
 use crate::eval::{self, mean, median};
 use crate::pipeline::{Generated, Passage, Prepared, Refrag, StageTimes};
 use crate::retrieve::Retriever;
 use crate::sample::Sampler;
+use crate::schema::QaPair;
 use crate::{device, jsonio, limits, progress};
 
 /// One mode's answer to one question.
@@ -227,7 +227,7 @@ fn read_questions(a: &EvalArgs) -> Result<(Vec<QaPair>, Option<crate::squad::Squ
     let squad = crate::squad::read_if_squad(&a.rag_json)?;
     let mut qas: Vec<QaPair> = match &squad {
         Some(s) => s.qas.clone(),
-        None => crate::corpus::read_qa(&a.rag_json)?,
+        None => crate::schema::read_qa(&a.rag_json)?,
     };
     if a.retrieve.index_dir.is_none() && squad.is_none() {
         bail!(

@@ -7,8 +7,9 @@ use std::path::Path;
 use anyhow::{bail, Result};
 
 use crate::cli::MakeCorpusArgs;
-use crate::corpus::{self, DataSet, QaPair};
+use crate::corpus::{self, DataSet};
 use crate::jsonio::{to_jsonl, write_atomic};
+use crate::schema::QaPair;
 
 /// The file `--mega N` adds.
 pub const MEGA_FILE: &str = "corpus_mega.txt";

@@ -24,8 +24,8 @@ use super::parts::{enc_dec_checkpoint, enc_dec_groups, Checkpoint, TrainDecoder}
 use super::run::{Micro, Stats, Task};
 use super::schedule::Curriculum;
 use super::seq::{forward_seqs, perplexity, target_counts, weighted_mean, Seq, SeqOut};
-use crate::corpus::{CptItem, Split};
 use crate::decoder::DecoderTokenizer;
+use crate::schema::{CptItem, Split};
 use crate::select::{num_expand, random_n};
 
 /// Reconstruction windows evaluated per held-out item.
