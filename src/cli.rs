@@ -27,6 +27,8 @@ pub enum Command {
     Search(SearchArgs),
     /// Answer a question: retrieve, compress, select, expand, decode.
     Generate(GenerateArgs),
+    /// Answer questions typed on stdin, the models loaded once: each answer, then its sources.
+    Chat(ChatArgs),
     /// Continual pretraining, phase A: reconstruct tokens from chunk embeddings (decoder frozen).
     #[command(name = "cpt_recon", alias = "cpt-recon")]
     CptRecon(CptArgs),
@@ -284,6 +286,48 @@ pub struct GenerateArgs {
     pub top_p: f64,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+/// `chat`: the flags of `generate` but the question, which comes from stdin.
+#[derive(Debug, Clone, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub retrieve: RetrieveArgs,
+    #[command(flatten)]
+    pub embed: EmbedModelArg,
+    #[command(flatten)]
+    pub models: EncDecArgs,
+    #[command(flatten)]
+    pub compress: CompressArgs,
+    /// Maximum new tokens to generate.
+    #[arg(long = "max_new", alias = "max-new", default_value_t = 64)]
+    pub max_new: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling threshold.
+    #[arg(long = "top_p", alias = "top-p", default_value_t = 0.9)]
+    pub top_p: f64,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+impl From<&ChatArgs> for GenerateArgs {
+    fn from(c: &ChatArgs) -> Self {
+        GenerateArgs {
+            retrieve: c.retrieve.clone(),
+            question: None,
+            questions: None,
+            out: None,
+            embed: c.embed.clone(),
+            models: c.models.clone(),
+            compress: c.compress.clone(),
+            max_new: c.max_new,
+            temperature: c.temperature,
+            top_p: c.top_p,
+            runtime: c.runtime.clone(),
+        }
+    }
 }
 
 /// Flags of the training commands.

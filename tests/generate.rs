@@ -712,3 +712,62 @@ fn a_bad_question_line_fails_before_any_model_loads() {
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "old\n");
     }
 }
+
+/// `chat` answers each stdin line as `generate --question` does, with a sources line after
+/// it; blank lines are skipped, a question too long for the window is refused on stderr without
+/// ending the session, and `exit` ends it.
+#[test]
+fn chat_answers_stdin_questions_like_generate() {
+    use std::io::Write;
+    let f = Fixture::new();
+    assert!(f.index("idx", None).status.success());
+    let q1 = "Which river flows through City_10007?";
+    let q2 = "What is the melting point of Alloy_10002?";
+    let single: Vec<String> = [q1, q2]
+        .iter()
+        .map(|q| {
+            json(&f.ask("idx", &f.s("llama"), q, &[]))["answer"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let long = "word ".repeat(3000);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_refrag"))
+        .args([
+            "chat",
+            "--index_dir",
+            &f.s("idx"),
+            "--embed_model",
+            &f.s("bert"),
+        ])
+        .args(["--enc", &f.s("bert"), "--dec", &f.s("llama"), "--topk", "3"])
+        .args(["--max_new", "6", "--ctx_max", "320"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = format!("{q1}\n\n{long}\n{q2}\nexit\n{q1}\n");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert_eq!(lines[0], single[0]);
+    assert_eq!(lines[2], single[1]);
+    for l in [lines[1], lines[3]] {
+        assert!(
+            l.starts_with("sources: [1] ") && l.contains("expanded"),
+            "{l}"
+        );
+    }
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("question") && err.contains("window"), "{err}");
+}

@@ -113,7 +113,7 @@ pub fn open_pipeline(
 }
 
 /// The flags of `generate` other than the question, checked before anything is read.
-fn check_flags(a: &GenerateArgs) -> Result<()> {
+pub(crate) fn check_flags(a: &GenerateArgs) -> Result<()> {
     validate_compress(&a.compress)?;
     if a.temperature < 0.0 {
         bail!("--temperature must be >= 0, got {}", a.temperature);
@@ -128,7 +128,7 @@ fn check_flags(a: &GenerateArgs) -> Result<()> {
 }
 
 /// One question non-empty and within the decoder's window; `what` names it in the error.
-fn check_one(
+pub(crate) fn check_one(
     a: &GenerateArgs,
     c: &CompressArgs,
     (dtok, window): &(DecoderTokenizer, usize),
@@ -202,7 +202,7 @@ fn f32_json(x: f32) -> Value {
 }
 
 /// The models, index and settings `generate` loads once, for one question or many.
-struct Session<'a> {
+pub(crate) struct Session<'a> {
     a: &'a GenerateArgs,
     c: &'a CompressArgs,
     dev: Device,
@@ -214,7 +214,7 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    fn open(a: &'a GenerateArgs, c: &'a CompressArgs) -> Result<Self> {
+    pub(crate) fn open(a: &'a GenerateArgs, c: &'a CompressArgs) -> Result<Self> {
         let (dev, retriever, dec, refrag, cache) =
             open_pipeline(&a.retrieve, &a.embed, &a.models, c, &a.runtime)?;
         let mode = select::resolve_mode(c.select, c.heuristic, refrag.policy.is_some());
@@ -233,7 +233,7 @@ impl<'a> Session<'a> {
     /// Answer one question: the JSON object `generate` prints. The sampler and the random
     /// selection start from `--seed` for every question, so an answer does not depend on the
     /// questions before it.
-    fn answer(&self, question: &str) -> Result<Value> {
+    pub(crate) fn answer(&self, question: &str) -> Result<Value> {
         let (a, c, refrag, cache) = (self.a, self.c, &self.refrag, self.cache.as_ref());
         let mut times = StageTimes::default();
         let t = Instant::now();

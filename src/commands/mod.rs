@@ -5,6 +5,7 @@ use anyhow::Result;
 use crate::cli::Command;
 
 pub mod bench;
+pub mod chat;
 pub mod eval;
 pub mod generate;
 pub mod index;
@@ -20,6 +21,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Search(a) => search::run(&a),
         Command::MakeCorpus(a) => make_corpus::run(&a),
         Command::Generate(a) => generate::run(&a),
+        Command::Chat(a) => chat::run(&a),
         Command::CptRecon(a) => train::run_cpt(&a, crate::train::cpt::CptMode::Recon),
         Command::CptNext(a) => train::run_cpt(&a, crate::train::cpt::CptMode::Next),
         Command::Sft(a) => train::run_sft(&a),
