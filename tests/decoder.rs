@@ -239,14 +239,14 @@ fn fast_decode_matches_the_dense_path_and_the_quantized_reference() {
     load(None, true);
     for (name, v) in vars.data().lock().unwrap().iter() {
         if name.ends_with("lora_b") {
-            v.set(&(Tensor::randn(0f32, 0.5, v.shape(), &Device::Cpu).unwrap()))
+            // Deterministic "random" values, so the test is the same every run.
+            let n = v.shape().elem_count();
+            let vals: Vec<f32> = (0..n).map(|i| 0.5 * ((i as f32) * 1.618).sin()).collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
                 .unwrap();
         }
     }
     let dense = load(None, true);
-    for d in step_diffs(&dense, &load(Some(Act::F32), true), prompt, rest) {
-        assert!(d < 1e-4, "Q4_1 + LoRA, f32 activations: {d}");
-    }
     let scale: f32 = dense
         .forward_ids(&ids(prompt), None, Logits::Last)
         .unwrap()
@@ -258,6 +258,14 @@ fn fast_decode_matches_the_dense_path_and_the_quantized_reference() {
         .unwrap()
         .to_scalar()
         .unwrap();
+    // f32 activations: the dense path's logits up to float rounding (the adapter's side path
+    // adds in another order than the merged weights).
+    for d in step_diffs(&dense, &load(Some(Act::F32), true), prompt, rest) {
+        assert!(
+            d < 1e-5 * scale.max(1.0),
+            "Q4_1 + LoRA, f32 activations: {d} (scale {scale})"
+        );
+    }
     for d in step_diffs(&dense, &load(Some(Act::Q8), true), prompt, rest) {
         assert!(
             d < 0.05 * scale,
