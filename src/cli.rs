@@ -253,11 +253,33 @@ pub struct SearchArgs {
     pub runtime: RuntimeArgs,
 }
 
+/// The flags `generate` and `chat` share: retrieval, models, compression and decoding.
+#[derive(Debug, Clone, Args)]
+pub struct AnswerArgs {
+    #[command(flatten)]
+    pub retrieve: RetrieveArgs,
+    #[command(flatten)]
+    pub embed: EmbedModelArg,
+    #[command(flatten)]
+    pub models: EncDecArgs,
+    #[command(flatten)]
+    pub compress: CompressArgs,
+    /// Maximum new tokens to generate.
+    #[arg(long = "max_new", alias = "max-new", default_value_t = 64)]
+    pub max_new: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling threshold.
+    #[arg(long = "top_p", alias = "top-p", default_value_t = 0.9)]
+    pub top_p: f64,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
 #[derive(Debug, Clone, Args)]
 #[command(group(ArgGroup::new("ask").required(true).args(["question", "questions"])))]
 pub struct GenerateArgs {
-    #[command(flatten)]
-    pub retrieve: RetrieveArgs,
     /// The question to answer.
     #[arg(long)]
     pub question: Option<String>,
@@ -270,64 +292,14 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[command(flatten)]
-    pub embed: EmbedModelArg,
-    #[command(flatten)]
-    pub models: EncDecArgs,
-    #[command(flatten)]
-    pub compress: CompressArgs,
-    /// Maximum new tokens to generate.
-    #[arg(long = "max_new", alias = "max-new", default_value_t = 64)]
-    pub max_new: usize,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    /// Nucleus sampling threshold.
-    #[arg(long = "top_p", alias = "top-p", default_value_t = 0.9)]
-    pub top_p: f64,
-    #[command(flatten)]
-    pub runtime: RuntimeArgs,
+    pub answer: AnswerArgs,
 }
 
 /// `chat`: the flags of `generate` but the question, which comes from stdin.
 #[derive(Debug, Clone, Args)]
 pub struct ChatArgs {
     #[command(flatten)]
-    pub retrieve: RetrieveArgs,
-    #[command(flatten)]
-    pub embed: EmbedModelArg,
-    #[command(flatten)]
-    pub models: EncDecArgs,
-    #[command(flatten)]
-    pub compress: CompressArgs,
-    /// Maximum new tokens to generate.
-    #[arg(long = "max_new", alias = "max-new", default_value_t = 64)]
-    pub max_new: usize,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    /// Nucleus sampling threshold.
-    #[arg(long = "top_p", alias = "top-p", default_value_t = 0.9)]
-    pub top_p: f64,
-    #[command(flatten)]
-    pub runtime: RuntimeArgs,
-}
-
-impl From<&ChatArgs> for GenerateArgs {
-    fn from(c: &ChatArgs) -> Self {
-        GenerateArgs {
-            retrieve: c.retrieve.clone(),
-            question: None,
-            questions: None,
-            out: None,
-            embed: c.embed.clone(),
-            models: c.models.clone(),
-            compress: c.compress.clone(),
-            max_new: c.max_new,
-            temperature: c.temperature,
-            top_p: c.top_p,
-            runtime: c.runtime.clone(),
-        }
-    }
+    pub answer: AnswerArgs,
 }
 
 /// Flags of the training commands.

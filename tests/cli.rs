@@ -61,12 +61,15 @@ fn seed_values_reach_the_structs() {
     let Cmd::Generate(g) = cli.command else {
         panic!("not generate")
     };
-    assert_eq!(g.retrieve.topk, 4);
-    assert_eq!(g.compress.k, 32);
-    assert_eq!(g.compress.p, 0.25);
-    assert_eq!(g.compress.ctx_max, 1024);
-    assert_eq!(g.max_new, 128);
-    assert_eq!(g.models.dec.as_deref(), Some("meta-llama/Llama-3.2-3B"));
+    assert_eq!(g.answer.retrieve.topk, 4);
+    assert_eq!(g.answer.compress.k, 32);
+    assert_eq!(g.answer.compress.p, 0.25);
+    assert_eq!(g.answer.compress.ctx_max, 1024);
+    assert_eq!(g.answer.max_new, 128);
+    assert_eq!(
+        g.answer.models.dec.as_deref(),
+        Some("meta-llama/Llama-3.2-3B")
+    );
     assert_eq!(g.question.as_deref(), Some("Who discovered penicillin?"));
 }
 

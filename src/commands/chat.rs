@@ -11,17 +11,17 @@ use anyhow::{bail, Result};
 use serde_json::Value;
 
 use super::generate::{check_flags, check_one, decoder_limits, with_weights, Session};
-use crate::cli::{ChatArgs, GenerateArgs};
+use crate::cli::ChatArgs;
 
 pub fn run(a: &ChatArgs) -> Result<()> {
-    let g = GenerateArgs::from(a);
-    check_flags(&g)?;
+    let g = &a.answer;
+    check_flags(g)?;
     if g.max_new == 0 {
         bail!("--max_new must be at least 1");
     }
     let c = &with_weights(&g.compress, &g.models)?;
     let limits = decoder_limits(&g.models, c)?;
-    let session = Session::open(&g, c)?;
+    let session = Session::open(g, c)?;
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     if interactive {
@@ -44,7 +44,7 @@ pub fn run(a: &ChatArgs) -> Result<()> {
         if matches!(q, "exit" | "quit") {
             break;
         }
-        if let Err(e) = check_one(&g, c, &limits, q, "question") {
+        if let Err(e) = check_one(g, c, &limits, q, "question") {
             eprintln!("refrag: {e:#}");
             continue;
         }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::chunk_cache::ChunkCache;
 use crate::cli::{
-    CompressArgs, EmbedModelArg, EncDecArgs, GenerateArgs, RetrievalMode, RetrieveArgs,
+    AnswerArgs, CompressArgs, EmbedModelArg, EncDecArgs, GenerateArgs, RetrievalMode, RetrieveArgs,
     RuntimeArgs, SelectMode,
 };
 use crate::decoder::DecoderTokenizer;
@@ -113,7 +113,7 @@ pub fn open_pipeline(
 }
 
 /// The flags of `generate` other than the question, checked before anything is read.
-pub(crate) fn check_flags(a: &GenerateArgs) -> Result<()> {
+pub(crate) fn check_flags(a: &AnswerArgs) -> Result<()> {
     validate_compress(&a.compress)?;
     if a.temperature < 0.0 {
         bail!("--temperature must be >= 0, got {}", a.temperature);
@@ -129,7 +129,7 @@ pub(crate) fn check_flags(a: &GenerateArgs) -> Result<()> {
 
 /// One question non-empty and within the decoder's window; `what` names it in the error.
 pub(crate) fn check_one(
-    a: &GenerateArgs,
+    a: &AnswerArgs,
     c: &CompressArgs,
     (dtok, window): &(DecoderTokenizer, usize),
     question: &str,
@@ -203,7 +203,7 @@ fn f32_json(x: f32) -> Value {
 
 /// The models, index and settings `generate` loads once, for one question or many.
 pub(crate) struct Session<'a> {
-    a: &'a GenerateArgs,
+    a: &'a AnswerArgs,
     c: &'a CompressArgs,
     dev: Device,
     retriever: Retriever,
@@ -214,7 +214,7 @@ pub(crate) struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    pub(crate) fn open(a: &'a GenerateArgs, c: &'a CompressArgs) -> Result<Self> {
+    pub(crate) fn open(a: &'a AnswerArgs, c: &'a CompressArgs) -> Result<Self> {
         let (dev, retriever, dec, refrag, cache) =
             open_pipeline(&a.retrieve, &a.embed, &a.models, c, &a.runtime)?;
         let mode = select::resolve_mode(c.select, c.heuristic, refrag.policy.is_some());
@@ -291,13 +291,14 @@ impl<'a> Session<'a> {
     }
 }
 
-pub fn run(a: &GenerateArgs) -> Result<()> {
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    let a = &args.answer;
     check_flags(a)?;
-    if a.out.is_some() && a.questions.is_none() {
+    if args.out.is_some() && args.questions.is_none() {
         bail!("--out writes the answers of --questions FILE; without it the answer goes to stdout");
     }
     // The questions are read (and a bad line refused) before any model's file is touched.
-    let batch = match (&a.question, &a.questions) {
+    let batch = match (&args.question, &args.questions) {
         (Some(q), _) => {
             limits::check_question(q, "--question")?;
             None
@@ -312,7 +313,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     let limits = decoder_limits(&a.models, c)?;
     match batch {
         None => {
-            let q = a.question.as_deref().unwrap_or_default();
+            let q = args.question.as_deref().unwrap_or_default();
             check_one(a, c, &limits, q, "--question")?;
             let out = Session::open(a, c)?.answer(q)?;
             println!("{}", serde_json::to_string_pretty(&out)?);
@@ -321,7 +322,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
             for q in &qs {
                 check_one(a, c, &limits, &q.text, &questions::what(path, q))?;
             }
-            let mut sink = questions::Sink::create(a.out.as_deref())?;
+            let mut sink = questions::Sink::create(args.out.as_deref())?;
             let session = Session::open(a, c)?;
             questions::answer_all(&qs, path, &mut sink, a.runtime.quiet, "generate", |q| {
                 session.answer(q)
