@@ -7,13 +7,14 @@
 mod common;
 use common::max_diff;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use candle_transformers::models::{llama, quantized_llama, quantized_qwen2, qwen2};
 use refrag::decoder::{self, Arch, Decoder, DecoderTokenizer, KvCache, Logits};
-use refrag::hub;
+use refrag::hub::{self, ModelFiles};
 use refrag::testing::llama as tiny;
 
 const IDS: [u32; 12] = [1, 40, 250, 7, 99, 300, 12, 2, 150, 61, 3, 200];
@@ -30,6 +31,21 @@ fn load(path: &Path) -> (Decoder, DecoderTokenizer) {
 fn hf_model(dir: &Path, arch: Arch) -> (Decoder, DecoderTokenizer) {
     tiny::write_tiny_decoder(dir, 7, arch).unwrap();
     load(dir)
+}
+
+/// candle-transformers' `quantized_llama` over the GGUF at `path`: the reference kernels.
+fn llama_reference(path: &Path) -> quantized_llama::ModelWeights {
+    let mut f = std::fs::File::open(path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap()
+}
+
+/// The tiny Llama (seed 7) as a GGUF named `name` in `dir`, every matrix stored as `dtype`.
+fn tiny_quantized_gguf(dir: &Path, name: &str, dtype: GgmlDType) -> (PathBuf, ModelFiles) {
+    let path = dir.join(name);
+    tiny::write_tiny_decoder_gguf_as(&path, 7, Arch::Llama, dtype).unwrap();
+    let files = hub::resolve(path.to_str().unwrap()).unwrap();
+    (path, files)
 }
 
 fn gguf_model(dir: &Path, arch: Arch) -> (Decoder, DecoderTokenizer) {
@@ -64,10 +80,7 @@ fn gguf_logits_match_quantized_llama_prefill_and_cached_steps() {
     let dir = tempfile::tempdir().unwrap();
     let (ours, _) = gguf_model(dir.path(), Arch::Llama);
     let path = dir.path().join("tiny.gguf");
-    let mut f = std::fs::File::open(&path).unwrap();
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let mut reference =
-        quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
+    let mut reference = llama_reference(&path);
     let mut cache = ours.new_cache(64);
     let (prompt, rest) = IDS.split_at(7);
     let want = reference.forward(&ids(prompt), 0).unwrap();
@@ -96,21 +109,10 @@ fn quantized_gguf_kept_quantized_equals_quantized_llama() {
     // blocks per row; the tiny MLP has five): kept quantized, our decoder runs the same
     // kernels as the reference (activations quantized too), so logits agree to float noise.
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny_q4.gguf");
-    tiny::write_tiny_decoder_gguf_as(
-        &path,
-        7,
-        Arch::Llama,
-        candle_core::quantized::GgmlDType::Q8_0,
-    )
-    .unwrap();
-    let files = hub::resolve(path.to_str().unwrap()).unwrap();
+    let (path, files) = tiny_quantized_gguf(dir.path(), "tiny_q4.gguf", GgmlDType::Q8_0);
     let (ours, _) = Decoder::load_quantized(&files, &Device::Cpu).unwrap();
     let (dense, _) = Decoder::load(&files, &Device::Cpu, DType::F32).unwrap();
-    let mut f = std::fs::File::open(&path).unwrap();
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let mut reference =
-        quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
+    let mut reference = llama_reference(&path);
     let mut cache = ours.new_cache(64);
     let (prompt, rest) = IDS.split_at(7);
     let want = reference.forward(&ids(prompt), 0).unwrap();
@@ -177,15 +179,7 @@ fn step_diffs(a: &Decoder, b: &Decoder, prompt: &[u32], rest: &[u32]) -> Vec<f32
 fn fast_decode_matches_the_dense_path_and_the_quantized_reference() {
     use refrag::kernels::qgemv::Act;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny_q8.gguf");
-    tiny::write_tiny_decoder_gguf_as(
-        &path,
-        7,
-        Arch::Llama,
-        candle_core::quantized::GgmlDType::Q8_0,
-    )
-    .unwrap();
-    let files = hub::resolve(path.to_str().unwrap()).unwrap();
+    let (path, files) = tiny_quantized_gguf(dir.path(), "tiny_q8.gguf", GgmlDType::Q8_0);
     let load = |act: Option<Act>| {
         let (mut d, _) = Decoder::load(&files, &Device::Cpu, DType::F32).unwrap();
         if let Some(a) = act {
@@ -203,10 +197,7 @@ fn fast_decode_matches_the_dense_path_and_the_quantized_reference() {
     for d in step_diffs(&dense, &fast, prompt, rest) {
         assert!(d < 1e-4, "f32 activations: {d}");
     }
-    let mut f = std::fs::File::open(&path).unwrap();
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let mut reference =
-        quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
+    let mut reference = llama_reference(&path);
     let (mut cd, mut cq) = (dense.new_cache(64), q8.new_cache(64));
     for (i, &tok) in IDS.iter().enumerate() {
         let want = reference.forward(&ids(&[tok]), i).unwrap();
@@ -220,10 +211,7 @@ fn fast_decode_matches_the_dense_path_and_the_quantized_reference() {
         assert!(dq < 1e-3 && dq < dd / 10.0, "step {i}: q8 {dq}, dense {dd}");
     }
     // Q4_1 with a LoRA adapter whose B is random (a first decoder creates the variables).
-    let q4 = dir.path().join("tiny_q4.gguf");
-    tiny::write_tiny_decoder_gguf_as(&q4, 7, Arch::Llama, candle_core::quantized::GgmlDType::Q4_1)
-        .unwrap();
-    let files = hub::resolve(q4.to_str().unwrap()).unwrap();
+    let (_, files) = tiny_quantized_gguf(dir.path(), "tiny_q4.gguf", GgmlDType::Q4_1);
     let lora = decoder::lora::LoraConfig::all(2, 3);
     let vars = VarMap::new();
     let load = |act: Option<Act>, adapter: bool| {
