@@ -208,7 +208,15 @@ impl QMatrix {
         let simd = simd_available();
         // Rows in tasks of at least ~64K weights each: enough work to pay for a thread hop.
         let per = (65_536 / self.cols).clamp(16, self.rows.max(16));
-        let mut out = vec![0f32; self.rows * m]; // (rows, m): each task writes its rows
+        // Tasks write whole weight rows, so the products land as (rows, m); with one activation
+        // row (every decoding step) that is `y` itself, otherwise a buffer transposed into `y`.
+        let mut buf = Vec::new();
+        let out: &mut [f32] = if m == 1 {
+            y
+        } else {
+            buf.resize(self.rows * m, 0f32);
+            &mut buf
+        };
         out.par_chunks_mut(per * m)
             .enumerate()
             .for_each(|(t, chunk)| {
@@ -219,9 +227,11 @@ impl QMatrix {
                     }
                 }
             });
-        for (r, col) in out.chunks_exact(m).enumerate() {
-            for (j, v) in col.iter().enumerate() {
-                y[j * self.rows + r] = *v;
+        if m > 1 {
+            for (r, col) in buf.chunks_exact(m).enumerate() {
+                for (j, v) in col.iter().enumerate() {
+                    y[j * self.rows + r] = *v;
+                }
             }
         }
     }
