@@ -182,8 +182,6 @@ impl Refrag {
         k: usize,
         ctx_max: usize,
     ) -> Result<Prepared> {
-        let (before, after) = self.dtok.chat_parts(None);
-        let template = Template::new(&before, &after, question, |t| self.dtok.encode(t, false))?;
         let mut per_passage = Vec::new();
         let mut global = Vec::new();
         for p in passages {
@@ -200,8 +198,7 @@ impl Refrag {
                 None => per_passage.push(chunk_tokens(&self.dtok.encode(&p.text, false)?, k)),
             }
         }
-        let capped = cap_chunks(&per_passage, ctx_max);
-        let layout = PromptLayout::new(&template, &capped);
+        let (layout, capped) = question_layout(&self.dtok, question, &per_passage, ctx_max)?;
         let (cache_ids, cached_scores) = match cache {
             Some(c) => {
                 let ids: Vec<usize> = capped
@@ -615,4 +612,20 @@ fn load_policy(
     let policy = Policy::new(&pc, vb)?;
     checkpoint::load_varmap_strict(&vars, &checkpoint::part_path(dir, "policy"), device)?;
     Ok(policy)
+}
+
+/// The prompt of `question` over passages already cut into chunks (`per_passage`): the
+/// decoder's chat template around the chunks that fit in `ctx_max` tokens. Returns the layout
+/// and the chunks kept of each passage. The one layout `generate`, `eval`, `bench` and the
+/// QA training stages (`train::qa::qa_layout`) build.
+pub fn question_layout(
+    dtok: &DecoderTokenizer,
+    question: &str,
+    per_passage: &[Vec<Vec<u32>>],
+    ctx_max: usize,
+) -> Result<(PromptLayout, Vec<Vec<Vec<u32>>>)> {
+    let (before, after) = dtok.chat_parts(None);
+    let template = Template::new(&before, &after, question, |t| dtok.encode(t, false))?;
+    let capped = cap_chunks(per_passage, ctx_max);
+    Ok((PromptLayout::new(&template, &capped), capped))
 }

@@ -407,3 +407,104 @@ fn misuse_fails_in_one_line_naming_the_flag() {
         ],
     ));
 }
+
+/// The bytes of every safetensors file of `dir` (weights and optimiser state), by name.
+fn safetensors_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// The result of a training command without its timings.
+fn without_timings(mut v: Value) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        o.retain(|k, _| !k.contains("sec") && !k.contains("time") && !k.contains("dir"));
+        for x in o.values_mut() {
+            *x = without_timings(x.take());
+        }
+    }
+    v
+}
+
+#[test]
+fn every_training_stage_and_generate_are_bit_identical_under_the_same_seed() {
+    let f = Fixture::new();
+    f.index();
+    let run = |tag: &str, seed: &str| -> Vec<(String, Value)> {
+        let dir = |stage: &str| format!("{tag}_{stage}");
+        let mut results = Vec::new();
+        let recon = ok_json(&f.cpt("cpt_recon", &dir("recon"), &["--seed", seed]));
+        results.push(("cpt_recon".to_string(), recon));
+        let from = f.s(&dir("recon"));
+        let next = ok_json(&f.cpt(
+            "cpt_next",
+            &dir("next"),
+            &["--load_dir", &from, "--s", "16", "--o", "8", "--seed", seed],
+        ));
+        results.push(("cpt_next".to_string(), next));
+        let from = f.s(&dir("next"));
+        let sft = ok_json(&f.qa("sft", &dir("sft"), &["--load_dir", &from, "--seed", seed]));
+        results.push(("sft".to_string(), sft));
+        let from = f.s(&dir("sft"));
+        let pol = [
+            "--load_dir",
+            &from,
+            "--p",
+            "0.5",
+            "--group",
+            "3",
+            "--warm_start",
+            "1",
+            "--policy_hidden",
+            "8",
+            "--topk",
+            "3",
+            "--seed",
+            seed,
+        ];
+        let pol = ok_json(&f.qa("train_policy", &dir("pol"), &pol));
+        results.push(("train_policy".to_string(), pol));
+        results.push(("generate".to_string(), f.generate(&dir("pol"))));
+        results
+    };
+    let (a, b) = (run("a", "7"), run("b", "7"));
+    run("c", "8");
+    for ((stage, x), (_, y)) in a.iter().zip(&b) {
+        let (x, y) = (without_timings(x.clone()), without_timings(y.clone()));
+        assert_eq!(x, y, "{stage}: same seed, different results");
+        if stage == "generate" {
+            assert_eq!(x["answer"], y["answer"]);
+            continue;
+        }
+        let dir = |tag: &str| {
+            let short = match stage.as_str() {
+                "cpt_recon" => "recon",
+                "cpt_next" => "next",
+                "sft" => "sft",
+                _ => "pol",
+            };
+            f.path(&format!("{tag}_{short}"))
+        };
+        let (wa, wb, wc) = (
+            safetensors_bytes(&dir("a")),
+            safetensors_bytes(&dir("b")),
+            safetensors_bytes(&dir("c")),
+        );
+        assert!(wa.len() >= 3, "{stage}: {} safetensors files", wa.len());
+        for ((name, bytes), (_, other)) in wa.iter().zip(&wb) {
+            assert!(bytes == other, "{stage}: {name} differs under the same seed");
+        }
+        assert!(
+            wa.iter().zip(&wc).any(|((_, p), (_, q))| p != q),
+            "{stage}: another seed gave the same weights"
+        );
+    }
+}

@@ -179,7 +179,9 @@ pub fn check_header(r: impl Read, len: u64) -> Result<()> {
     Ok(())
 }
 
-/// Fail unless every tensor's bytes lie inside a file of `len` bytes.
+/// Fail unless every tensor has elements and its bytes lie inside a file of `len` bytes. An
+/// empty tensor is refused too: candle would view its empty buffer (whose pointer is only
+/// byte-aligned) as a slice of blocks, which is undefined behaviour.
 pub fn check_tensors(c: &Content, len: u64) -> Result<()> {
     for (name, t) in &c.tensor_infos {
         let elems = t
@@ -187,6 +189,9 @@ pub fn check_tensors(c: &Content, len: u64) -> Result<()> {
             .dims()
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d));
+        if elems == Some(0) {
+            bail!("tensor {name} {:?} has no elements", t.shape.dims());
+        }
         let block = t.ggml_dtype.block_size();
         let end = elems
             .filter(|e| e.is_multiple_of(block))

@@ -1,8 +1,8 @@
 //! Question/answer data for `sft` and `train_policy`: the pairs of `--rag_json` (the last
 //! `eval_items` held out), their retrieved passages (the same [`Retriever`] `generate` uses,
 //! fetched once per question), and the decoder input laid out exactly as `generate` lays it
-//! out (`Template::new` over the chat template, passages cut in chunks of `k`, capped at
-//! `ctx_max`) with the gold answer and the end-of-turn token as targets.
+//! out ([`crate::pipeline::question_layout`]: the chat template, passages cut in chunks of `k`,
+//! capped at `ctx_max`) with the gold answer and the end-of-turn token as targets.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 
 use super::seq::Seq;
 use crate::decoder::DecoderTokenizer;
-use crate::prompt::{cap_chunks, chunk_tokens, PromptLayout, Template};
+use crate::prompt::{chunk_tokens, PromptLayout};
 use crate::retrieve::RetrievalMode;
 use crate::retrieve::Retrieve;
 use crate::schema::QaPair;
@@ -124,16 +124,11 @@ pub fn qa_layout(
     k: usize,
     ctx_max: usize,
 ) -> Result<PromptLayout> {
-    let (before, after) = dtok.chat_parts(None);
-    let template = Template::new(&before, &after, question, |t| dtok.encode(t, false))?;
     let per_passage = passages
         .iter()
         .map(|p| Ok(chunk_tokens(&dtok.encode(p, false)?, k)))
         .collect::<Result<Vec<_>>>()?;
-    Ok(PromptLayout::new(
-        &template,
-        &cap_chunks(&per_passage, ctx_max),
-    ))
+    Ok(crate::pipeline::question_layout(dtok, question, &per_passage, ctx_max)?.0)
 }
 
 /// The token that ends an answer: the chat template's end of turn, else the first EOS id.
