@@ -286,7 +286,7 @@ impl Refrag {
             crate::device::sync(&self.device)?;
             times.selection += t.elapsed().as_secs_f64();
         }
-        let mask = select::expansion_mask(mode, p, scores.as_deref(), l, seed);
+        let mask = select::expansion_mask(mode, p, scores.as_deref(), l, seed)?;
         let compressed: Vec<usize> = all.iter().copied().filter(|&i| !mask[i]).collect();
         if embeds.is_none() && !compressed.is_empty() {
             let e = self.timed_embed(prep, &compressed, cache, times)?;

@@ -57,23 +57,25 @@ pub fn resolve_mode(select: Option<SelectMode>, heuristic: bool, have_policy: bo
 }
 
 /// The expansion mask for `mode`, given per-chunk scores where the mode needs them (heuristic:
-/// perplexities; policy: the policy's scores).
+/// perplexities; policy: the policy's scores). Fails when a scored mode has no scores, or
+/// scores of another length than `chunks`.
 pub fn expansion_mask(
     mode: SelectMode,
     p: f64,
     scores: Option<&[f32]>,
     chunks: usize,
     seed: u64,
-) -> Vec<bool> {
-    match mode {
+) -> anyhow::Result<Vec<bool>> {
+    Ok(match mode {
         SelectMode::None => vec![false; chunks],
         SelectMode::All => vec![true; chunks],
         SelectMode::Random => random_n(chunks, num_expand(p, chunks), seed),
-        SelectMode::Heuristic | SelectMode::Policy => {
-            let scores = scores.expect("heuristic and policy selection need scores");
-            top_n(scores, num_expand(p, chunks))
-        }
-    }
+        SelectMode::Heuristic | SelectMode::Policy => match scores {
+            Some(s) if s.len() == chunks => top_n(s, num_expand(p, chunks)),
+            Some(s) => anyhow::bail!("{mode:?} selection got {} scores for {chunks} chunks", s.len()),
+            None => anyhow::bail!("{mode:?} selection needs a score per chunk"),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -106,8 +108,11 @@ mod tests {
 
     #[test]
     fn p_one_expands_everything() {
-        let m = expansion_mask(SelectMode::Heuristic, 1.0, Some(&[0.0; 6]), 6, 0);
+        let m = expansion_mask(SelectMode::Heuristic, 1.0, Some(&[0.0; 6]), 6, 0).unwrap();
         assert!(m.iter().all(|&x| x));
+        // A scored mode without scores, or with the wrong number, is an error, not a panic.
+        assert!(expansion_mask(SelectMode::Policy, 0.5, None, 6, 0).is_err());
+        assert!(expansion_mask(SelectMode::Policy, 0.5, Some(&[0.0; 5]), 6, 0).is_err());
     }
 
     #[test]
