@@ -71,7 +71,7 @@ impl Projector {
 impl Module for Projector {
     /// `(.., in) -> (.., out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::blas::linear(&self.l2, &crate::blas::linear(&self.l1, x)?.gelu()?)
+        crate::kernels::blas::linear(&self.l2, &crate::kernels::blas::linear(&self.l1, x)?.gelu()?)
     }
 }
 

@@ -83,7 +83,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     validate(a)?;
     let peak_measured = a.peak_gflops.is_none();
     let a = &BenchArgs {
-        peak_gflops: Some(a.peak_gflops.unwrap_or_else(crate::blas::sgemm_peak_gflops)),
+        peak_gflops: Some(a.peak_gflops.unwrap_or_else(crate::kernels::blas::sgemm_peak_gflops)),
         ..a.clone()
     };
     let corpus = jsonio::read_corpus(&a.corpus, false)?;

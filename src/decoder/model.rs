@@ -48,8 +48,8 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
-        if grad && crate::fused::usable(x) {
-            crate::fused::rms_norm(x, &self.weight, self.eps)
+        if grad && crate::kernels::fused::usable(x) {
+            crate::kernels::fused::rms_norm(x, &self.weight, self.eps)
         } else if grad {
             candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)
         } else {
@@ -115,8 +115,8 @@ impl Attention {
     fn rope(&self, x: &Tensor, s: &Step) -> Result<Tensor> {
         if self.interleaved {
             candle_nn::rotary_emb::rope_i(x, s.cos, s.sin)
-        } else if s.grad && crate::fused::usable(x) {
-            crate::fused::rope(x, s.cos, s.sin)
+        } else if s.grad && crate::kernels::fused::usable(x) {
+            crate::kernels::fused::rope(x, s.cos, s.sin)
         } else if s.grad {
             candle_nn::rotary_emb::rope_slow(x, s.cos, s.sin)
         } else {
@@ -154,10 +154,10 @@ impl Attention {
                 .reshape((b, t, self.n_head * self.head_dim))?;
             return self.o_proj.forward(&y);
         }
-        if s.grad && crate::fused::usable(&k) && k.dim(2)? == t {
+        if s.grad && crate::kernels::fused::usable(&k) && k.dim(2)? == t {
             // Training: the whole sequence at once, forward and backward fused.
             let scale = 1.0 / (self.head_dim as f32).sqrt();
-            let y = crate::fused::causal_attention(&q, &k, &v, scale)?; // (b, h, t, hd)
+            let y = crate::kernels::fused::causal_attention(&q, &k, &v, scale)?; // (b, h, t, hd)
             let y = y
                 .transpose(1, 2)?
                 .reshape((b, t, self.n_head * self.head_dim))?;
@@ -166,7 +166,7 @@ impl Attention {
         if !s.grad && k.device().is_cpu() && k.dtype() == DType::F32 {
             // Fused blocked attention through the system BLAS, reading the cache in place.
             let scale = 1.0 / (self.head_dim as f32).sqrt();
-            let y = crate::blas::causal_attention(&q, &k, &v, scale)?; // (b, t, h, hd)
+            let y = crate::kernels::blas::causal_attention(&q, &k, &v, scale)?; // (b, t, h, hd)
             return self
                 .o_proj
                 .forward(&y.reshape((b, t, self.n_head * self.head_dim))?);
@@ -280,8 +280,8 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
-        let h = if (g.track_op() || u.track_op()) && crate::fused::usable(&g) {
-            crate::fused::swiglu(&g, &u)?
+        let h = if (g.track_op() || u.track_op()) && crate::kernels::fused::usable(&g) {
+            crate::kernels::fused::swiglu(&g, &u)?
         } else {
             (candle_nn::ops::silu(&g)? * u)?
         };
@@ -630,8 +630,8 @@ impl Proj {
             }
             Proj::Fast(f) => f.forward(x),
             Proj::Lora { base, a, b, scale } => {
-                let low = crate::blas::matmul_t(x, a)?;
-                let side = (crate::blas::matmul_t(&low, b)? * *scale)?;
+                let low = crate::kernels::blas::matmul_t(x, a)?;
+                let side = (crate::kernels::blas::matmul_t(&low, b)? * *scale)?;
                 base.forward(x)? + side
             }
         }
@@ -709,7 +709,7 @@ fn merged(l: &Linear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Linear> {
 fn linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         // The system BLAS: faster, and it skips a frozen weight's gradient by itself.
-        return crate::blas::linear(l, x);
+        return crate::kernels::blas::linear(l, x);
     }
     if !x.track_op() || l.weight().is_variable() {
         return l.forward(x);

@@ -52,8 +52,8 @@ impl FastProj {
             y = y.broadcast_add(b)?;
         }
         if let Some((a, b, scale)) = &self.side {
-            let low = crate::blas::matmul_t(x, a)?;
-            y = (y + (crate::blas::matmul_t(&low, b)? * *scale)?)?;
+            let low = crate::kernels::blas::matmul_t(x, a)?;
+            y = (y + (crate::kernels::blas::matmul_t(&low, b)? * *scale)?)?;
         }
         Ok(y)
     }
