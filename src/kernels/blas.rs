@@ -322,5 +322,4 @@ mod tests {
         assert!(g.get(&frozen).is_none());
         assert!(g.get(x.as_tensor()).is_some());
     }
-
 }

@@ -135,9 +135,7 @@ impl CustomOp3 for Attention {
                         }
                         // dQ = dS K ; dK += dS^T Q
                         let dqh = &mut dqg[r * t * hd..(r + 1) * t * hd];
-                        blas::sgemm(
-                            false, false, t, hd, t, 1.0, dp, t, kh, hd, 0.0, dqh, hd,
-                        );
+                        blas::sgemm(false, false, t, hd, t, 1.0, dp, t, kh, hd, 0.0, dqh, hd);
                         blas::sgemm(true, false, t, hd, t, 1.0, dp, t, qh, hd, 1.0, dkg, hd);
                     }
                 },
