@@ -4,11 +4,11 @@ fn main() -> anyhow::Result<()> {
         let q = Tensor::randn(0f32, 1., (1, 9, t, 64), &Device::Cpu)?;
         let k = Tensor::randn(0f32, 1., (1, 3, t, 64), &Device::Cpu)?;
         let v = Tensor::randn(0f32, 1., (1, 3, t, 64), &Device::Cpu)?;
-        refrag::blas::causal_attention(&q, &k, &v, 0.125)?;
+        refrag::kernels::blas::causal_attention(&q, &k, &v, 0.125)?;
         let r = 5;
         let s = std::time::Instant::now();
         for _ in 0..r {
-            refrag::blas::causal_attention(&q, &k, &v, 0.125)?;
+            refrag::kernels::blas::causal_attention(&q, &k, &v, 0.125)?;
         }
         let dt = s.elapsed().as_secs_f64() / r as f64;
         let flops = 9.0 * (t * t) as f64 / 2.0 * 64.0 * 4.0;

@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
         let tq = time(|| mat.matmul_t(&xv, 1, &mut y, Act::F32));
         let t8 = time(|| mat.matmul_t(&xv, 1, &mut y, Act::Q8));
         let tf = time(|| {
-            refrag::blas::linear(&lin, &x).unwrap();
+            refrag::kernels::blas::linear(&lin, &x).unwrap();
         });
         let qmm = candle_core::quantized::QMatMul::from_qtensor(q)?;
         let tc = time(|| {

@@ -5,7 +5,6 @@
 //! compression stages, and `commands` (one function per subcommand).
 
 pub mod bench;
-pub mod blas;
 pub mod checkpoint;
 pub mod chunk_cache;
 pub mod cli;
@@ -16,7 +15,6 @@ pub mod device;
 pub mod embed;
 pub mod encoder;
 pub mod eval;
-pub mod fused;
 pub mod hub;
 pub mod index;
 pub mod jsonio;

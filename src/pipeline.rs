@@ -505,7 +505,7 @@ pub fn chunk_scores_batch(
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1()?;
-    let lse = crate::blas::log_sum_exp_rows(&flat, vocab);
+    let lse = crate::kernels::blas::log_sum_exp_rows(&flat, vocab);
     // Row b, position i predicts rows[b][i + 1].
     let nll: Vec<Vec<f32>> = rows
         .iter()

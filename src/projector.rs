@@ -8,6 +8,8 @@ use candle_nn::{Linear, Module, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::kernels::blas;
+
 /// Projector shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProjectorConfig {
@@ -71,7 +73,7 @@ impl Projector {
 impl Module for Projector {
     /// `(.., in) -> (.., out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::blas::linear(&self.l2, &crate::blas::linear(&self.l1, x)?.gelu()?)
+        blas::linear(&self.l2, &blas::linear(&self.l1, x)?.gelu()?)
     }
 }
 

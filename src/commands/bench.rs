@@ -23,6 +23,7 @@ use crate::bench::{self, BenchRow};
 use crate::chunk_cache::ChunkCache;
 use crate::cli::{BenchArgs, CacheArg, SelectMode};
 use crate::eval::median;
+use crate::kernels::blas;
 use crate::pipeline::{Decode, Prepared, Refrag, StageTimes};
 use crate::prompt::{PromptLayout, Template};
 use crate::sample::Sampler;
@@ -83,7 +84,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     validate(a)?;
     let peak_measured = a.peak_gflops.is_none();
     let a = &BenchArgs {
-        peak_gflops: Some(a.peak_gflops.unwrap_or_else(crate::blas::sgemm_peak_gflops)),
+        peak_gflops: Some(a.peak_gflops.unwrap_or_else(blas::sgemm_peak_gflops)),
         ..a.clone()
     };
     let corpus = jsonio::read_corpus(&a.corpus, false)?;

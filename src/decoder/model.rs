@@ -8,16 +8,18 @@
 //! kernels do not back-propagate. The slow path is chosen automatically when the input tracks
 //! gradients or the weights are trainable variables.
 
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, DType, Device, IndexOp, Layout, MetalStorage, Module,
-    Result, Shape, Tensor, D,
-};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{linear_b, Embedding, Init, Linear, VarBuilder};
 
 use super::cache::KvCache;
 use super::config::DecoderConfig;
 
+mod attention;
 mod fast;
+mod proj;
+
+use attention::{Attention, Step};
+use proj::Proj;
 
 /// Which positions to return logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,8 +50,8 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
-        if grad && crate::fused::usable(x) {
-            crate::fused::rms_norm(x, &self.weight, self.eps)
+        if grad && crate::kernels::fused::usable(x) {
+            crate::kernels::fused::rms_norm(x, &self.weight, self.eps)
         } else if grad {
             candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)
         } else {
@@ -57,208 +59,6 @@ impl RmsNorm {
         }
     }
 }
-
-/// What every layer needs for one forward call.
-struct Step<'a> {
-    /// Rotary tables for the positions of this call, `(t, head_dim / 2)` each.
-    cos: &'a Tensor,
-    sin: &'a Tensor,
-    /// Additive causal mask `(t, past + t)` in `softmax_dtype`, `None` for a single position.
-    mask: Option<&'a Tensor>,
-    /// Use plain (differentiable) tensor ops instead of the fused kernels.
-    grad: bool,
-}
-
-#[derive(Debug, Clone)]
-struct Attention {
-    q_proj: Proj,
-    k_proj: Proj,
-    v_proj: Proj,
-    o_proj: Proj,
-    /// q/k rows in llama.cpp's interleaved rotary layout (quantized GGUF weights, kept as
-    /// stored): rotate adjacent pairs instead of the two halves.
-    interleaved: bool,
-    /// Attend in candle-transformers' `quantized_llama` order of operations (kept-quantized
-    /// weights), not through the fused BLAS op.
-    reference_order: bool,
-    n_head: usize,
-    n_kv: usize,
-    head_dim: usize,
-}
-
-impl Attention {
-    fn new(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
-        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
-        let (nq, nkv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        let bias = cfg.attention_bias;
-        Ok(Attention {
-            q_proj: Proj::Dense(linear_b(d, nq, bias, vb.pp("q_proj"))?),
-            k_proj: Proj::Dense(linear_b(d, nkv, bias, vb.pp("k_proj"))?),
-            v_proj: Proj::Dense(linear_b(d, nkv, bias, vb.pp("v_proj"))?),
-            o_proj: Proj::Dense(linear_b(nq, d, cfg.o_proj_bias, vb.pp("o_proj"))?),
-            interleaved: false,
-            reference_order: false,
-            n_head: cfg.num_attention_heads,
-            n_kv: cfg.num_key_value_heads,
-            head_dim: hd,
-        })
-    }
-
-    /// `(b, t, n * hd)` -> `(b, n, t, hd)`, contiguous.
-    fn heads(&self, x: Tensor, n: usize) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        x.reshape((b, t, n, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
-    fn rope(&self, x: &Tensor, s: &Step) -> Result<Tensor> {
-        if self.interleaved {
-            candle_nn::rotary_emb::rope_i(x, s.cos, s.sin)
-        } else if s.grad && crate::fused::usable(x) {
-            crate::fused::rope(x, s.cos, s.sin)
-        } else if s.grad {
-            candle_nn::rotary_emb::rope_slow(x, s.cos, s.sin)
-        } else {
-            candle_nn::rotary_emb::rope(x, s.cos, s.sin)
-        }
-    }
-
-    fn forward(
-        &self,
-        x: &Tensor,
-        s: &Step,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let q = self.rope(&self.heads(self.q_proj.forward(x)?, self.n_head)?, s)?; // (b, h, t, hd)
-        let k = self.rope(&self.heads(self.k_proj.forward(x)?, self.n_kv)?, s)?; // (b, kv, t, hd)
-        let v = self.heads(self.v_proj.forward(x)?, self.n_kv)?; // (b, kv, t, hd)
-        let (k, v) = match cache {
-            Some((c, layer)) => c.append(layer, &k, &v)?, // (b, kv, L, hd)
-            None => (k, v),
-        };
-        if self.reference_order {
-            // Kept-quantized GGUF weights: attention in quantized_llama's exact order of
-            // operations, so the activations its kernels quantize are bit-identical too.
-            let rep = self.n_head / self.n_kv;
-            let k = candle_transformers::utils::repeat_kv(k.contiguous()?, rep)?;
-            let v = candle_transformers::utils::repeat_kv(v.contiguous()?, rep)?;
-            let mut att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-            if let Some(mask) = s.mask {
-                att = att.broadcast_add(mask)?;
-            }
-            let y = candle_nn::ops::softmax_last_dim(&att)?.matmul(&v)?;
-            let y = y
-                .transpose(1, 2)?
-                .reshape((b, t, self.n_head * self.head_dim))?;
-            return self.o_proj.forward(&y);
-        }
-        if s.grad && crate::fused::usable(&k) && k.dim(2)? == t {
-            // Training: the whole sequence at once, forward and backward fused.
-            let scale = 1.0 / (self.head_dim as f32).sqrt();
-            let y = crate::fused::causal_attention(&q, &k, &v, scale)?; // (b, h, t, hd)
-            let y = y
-                .transpose(1, 2)?
-                .reshape((b, t, self.n_head * self.head_dim))?;
-            return self.o_proj.forward(&y);
-        }
-        if !s.grad && k.device().is_cpu() && k.dtype() == DType::F32 {
-            // Fused blocked attention through the system BLAS, reading the cache in place.
-            let scale = 1.0 / (self.head_dim as f32).sqrt();
-            let y = crate::blas::causal_attention(&q, &k, &v, scale)?; // (b, t, h, hd)
-            return self
-                .o_proj
-                .forward(&y.reshape((b, t, self.n_head * self.head_dim))?);
-        }
-        // The CPU matmul reads the cache's strided views in place; other backends (not tested
-        // here) get contiguous copies, cheap next to their memory bandwidth.
-        let (k, v) = if k.device().is_cpu() {
-            (k, v)
-        } else {
-            (k.contiguous()?, v.contiguous()?)
-        };
-        let y = self.attend(&q, &k, &v, s)?; // (b, h, t, hd)
-        let y = y
-            .transpose(1, 2)?
-            .reshape((b, t, self.n_head * self.head_dim))?;
-        self.o_proj.forward(&y)
-    }
-
-    /// Scaled dot-product attention of `q` (b, h, t, hd) over `k`, `v` (b, kv, L, hd), with the
-    /// step's causal mask; returns (b, h, t, hd).
-    ///
-    /// Without gradients, long inputs are attended in blocks of `ATTN_BLOCK` queries, each over
-    /// only the keys it may see (the causal prefix): the score matrix never exceeds
-    /// `ATTN_BLOCK x L` per head, and the masked upper triangle is never computed, which halves
-    /// the attention FLOPs of a long prefill and keeps its working set in cache. Every row is
-    /// the same sum over the same keys, so the result equals the unblocked one.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, s: &Step) -> Result<Tensor> {
-        let t = q.dim(2)?;
-        let past = k.dim(2)? - t;
-        if s.grad || t <= ATTN_BLOCK {
-            return self.attend_rows(q, k, v, s.mask, s.grad);
-        }
-        let mut out = Vec::with_capacity(t.div_ceil(ATTN_BLOCK));
-        for i0 in (0..t).step_by(ATTN_BLOCK) {
-            let n = ATTN_BLOCK.min(t - i0);
-            let keys = past + i0 + n;
-            let mask = s.mask.map(|m| m.narrow(0, i0, n)?.narrow(1, 0, keys));
-            let mask = mask.transpose()?;
-            out.push(self.attend_rows(
-                &q.narrow(2, i0, n)?,
-                &k.narrow(2, 0, keys)?,
-                &v.narrow(2, 0, keys)?,
-                mask.as_ref(),
-                false,
-            )?);
-        }
-        Tensor::cat(&out, 2)
-    }
-
-    /// Attention of the query rows `q` (b, h, n, hd) over keys/values (b, kv, L, hd) with an
-    /// additive mask `(n, L)`.
-    fn attend_rows(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-        grad: bool,
-    ) -> Result<Tensor> {
-        let (b, _, t, _) = q.dims4()?;
-        let kv_len = k.dim(2)?;
-        // Grouped-query attention without copying K/V: the `rep` query heads that share one KV
-        // head are stacked along the time axis.
-        let rep = self.n_head / self.n_kv;
-        // The 1/sqrt(hd) scale goes on q, the smaller tensor (t rows, not t x L scores).
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = (q
-            .contiguous()?
-            .reshape((b, self.n_kv, rep * t, self.head_dim))?
-            * scale)?;
-        let att = q.matmul(&k.t()?)?; // (b, kv, rep * t, L)
-        let in_dtype = att.dtype();
-        let mut att = att.to_dtype(softmax_dtype(in_dtype))?;
-        if let Some(mask) = mask {
-            att = att
-                .reshape((b, self.n_kv, rep, t, kv_len))?
-                .broadcast_add(mask)?
-                .reshape((b, self.n_kv, rep * t, kv_len))?;
-        }
-        let att = if grad {
-            candle_nn::ops::softmax(&att, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&att)?
-        };
-        att.to_dtype(in_dtype)?
-            .matmul(v)? // (b, kv, rep * t, hd)
-            .reshape((b, self.n_head, t, self.head_dim))
-    }
-}
-
-/// Query rows attended at once in a long prefill (see `Attention::attend`).
-const ATTN_BLOCK: usize = 256;
 
 #[derive(Debug, Clone)]
 struct Mlp {
@@ -280,8 +80,8 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
-        let h = if (g.track_op() || u.track_op()) && crate::fused::usable(&g) {
-            crate::fused::swiglu(&g, &u)?
+        let h = if (g.track_op() || u.track_op()) && crate::kernels::fused::usable(&g) {
+            crate::kernels::fused::swiglu(&g, &u)?
         } else {
             (candle_nn::ops::silu(&g)? * u)?
         };
@@ -591,190 +391,6 @@ impl Decoder {
             angles.cos()?.to_dtype(self.dtype)?,
             angles.sin()?.to_dtype(self.dtype)?,
         ))
-    }
-}
-
-/// A linear map: dense weights (any source, trainable or not), or a llama.cpp-quantized GGUF
-/// tensor multiplied by candle's quantized kernels (inference only; activations are quantized
-/// the way llama.cpp does, so results match `quantized_llama` exactly).
-#[derive(Debug, Clone)]
-enum Proj {
-    Dense(Linear),
-    Quant {
-        mm: candle_core::quantized::QMatMul,
-        bias: Option<Tensor>,
-    },
-    /// Dense weights plus their quantized twin for few-row inputs (decoding; [`fast`]).
-    Fast(Box<fast::FastProj>),
-    /// A frozen projection plus a low-rank adapter: `base(x) + scale (x A^T) B^T`.
-    Lora {
-        base: Box<Proj>,
-        /// `(r, in)`.
-        a: Tensor,
-        /// `(out, r)`.
-        b: Tensor,
-        scale: f64,
-    },
-}
-
-impl Proj {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Proj::Dense(l) => linear(l, x),
-            Proj::Quant { mm, bias } => {
-                let y = mm.forward(x)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
-            }
-            Proj::Fast(f) => f.forward(x),
-            Proj::Lora { base, a, b, scale } => {
-                let low = crate::blas::matmul_t(x, a)?;
-                let side = (crate::blas::matmul_t(&low, b)? * *scale)?;
-                base.forward(x)? + side
-            }
-        }
-    }
-
-    fn is_variable(&self) -> bool {
-        matches!(self, Proj::Dense(l) if l.weight().is_variable())
-    }
-
-    fn bias(&self) -> Option<Tensor> {
-        match self {
-            Proj::Dense(l) => l.bias().cloned(),
-            Proj::Quant { bias, .. } => bias.clone(),
-            Proj::Fast(f) => f.dense.bias().cloned(),
-            Proj::Lora { base, .. } => base.bias(),
-        }
-    }
-
-    /// `(out, in)` of a dense projection.
-    fn dense_dims(&self) -> Result<(usize, usize)> {
-        match self {
-            Proj::Dense(l) => l.weight().dims2(),
-            Proj::Quant { mm, .. } => match mm {
-                candle_core::quantized::QMatMul::QTensor(q) => q.shape().dims2(),
-                candle_core::quantized::QMatMul::Tensor(t)
-                | candle_core::quantized::QMatMul::TensorF16(t) => t.dims2(),
-            },
-            Proj::Fast(f) => f.dense.weight().dims2(),
-            Proj::Lora { base, .. } => base.dense_dims(),
-        }
-    }
-
-    /// Put the adapter `(a, b, scale)` on this projection: merged into dense weights
-    /// (`W + scale B A`, inference), or as a side path (`train`, or quantized weights).
-    fn with_lora(self, a: Tensor, b: Tensor, scale: f64, train: bool) -> Result<Proj> {
-        match self {
-            Proj::Dense(l) if !train => Ok(Proj::Dense(merged(&l, &a, &b, scale)?)),
-            // Merged into the dense weights, and beside the quantized twin as a side path.
-            Proj::Fast(f) if !train && f.side.is_none() => {
-                Ok(Proj::Fast(Box::new(fast::FastProj {
-                    dense: merged(&f.dense, &a, &b, scale)?,
-                    q: f.q,
-                    act: f.act,
-                    side: Some((a, b, scale)),
-                })))
-            }
-            Proj::Fast(f) => Proj::Dense(f.dense).with_lora(a, b, scale, train),
-            base => Ok(Proj::Lora {
-                base: Box::new(base),
-                a,
-                b,
-                scale,
-            }),
-        }
-    }
-
-    fn quant(q: candle_core::quantized::QTensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Proj::Quant {
-            mm: candle_core::quantized::QMatMul::from_qtensor(q)?,
-            bias,
-        })
-    }
-}
-
-/// `W + scale B A`: an adapter merged into a dense projection.
-fn merged(l: &Linear, a: &Tensor, b: &Tensor, scale: f64) -> Result<Linear> {
-    let w = (l.weight() + (b.matmul(a)? * scale)?.to_dtype(l.weight().dtype())?)?;
-    Ok(Linear::new(w, l.bias().cloned()))
-}
-
-/// `l.forward(x)`, except that when `x` needs a gradient and the weight is frozen (a plain
-/// tensor, not a `Var`) the backward pass computes only the input's gradient: candle's matmul
-/// backward always computes both operands' gradients, and for a frozen decoder the weights' are
-/// thrown away (in training the encoder through a frozen decoder, they were most of the work).
-fn linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        // The system BLAS: faster, and it skips a frozen weight's gradient by itself.
-        return crate::blas::linear(l, x);
-    }
-    if !x.track_op() || l.weight().is_variable() {
-        return l.forward(x);
-    }
-    let y = l.forward(&x.detach())?;
-    y.apply_op2(x, InputGradOnly(l.weight().clone()))
-}
-
-/// Passes its first argument `y = x W^T (+ b)` through unchanged; its backward gives the second
-/// argument `x` the gradient `grad W` and `y` none (`y` was computed from a detached `x`).
-struct InputGradOnly(Tensor);
-
-impl InputGradOnly {
-    fn pass<S: candle_core::backend::BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
-        if !l.is_contiguous() || l.start_offset() != 0 {
-            candle_core::bail!("frozen linear: output is not a fresh contiguous tensor");
-        }
-        Ok((s.try_clone(l)?, l.shape().clone()))
-    }
-}
-
-impl CustomOp2 for InputGradOnly {
-    fn name(&self) -> &'static str {
-        "frozen-linear-input-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &CpuStorage,
-        l: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::pass(s, l)
-    }
-
-    fn cuda_fwd(
-        &self,
-        s: &CudaStorage,
-        l: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        Self::pass(s, l)
-    }
-
-    fn metal_fwd(
-        &self,
-        s: &MetalStorage,
-        l: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        Self::pass(s, l)
-    }
-
-    fn bwd(
-        &self,
-        _y: &Tensor,
-        _x: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // (.., out) @ (out, in) -> (.., in)
-        Ok((None, Some(grad.broadcast_matmul(&self.0)?)))
     }
 }
 

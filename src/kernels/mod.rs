@@ -1,4 +1,7 @@
-//! Hand-written compute kernels where no crate is fast enough (measured in `bench`):
-//! quantized matrix-vector products for decoding.
+//! Hand-written compute kernels where no crate is fast enough (measured in `bench`): f32
+//! products through the system BLAS (`blas`), the decoder's and encoder's differentiable
+//! training ops (`fused`), and quantized matrix-vector products for decoding (`qgemv`).
 
+pub mod blas;
+pub mod fused;
 pub mod qgemv;

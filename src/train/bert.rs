@@ -3,7 +3,7 @@
 //! this is the same network (same parameter names, same maths, HF `modeling_bert.py`) in plain
 //! tensor ops. Inference keeps using `BertModel`: a saved variable map loads there unchanged.
 
-use crate::blas;
+use crate::kernels::{blas, fused};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
@@ -89,7 +89,7 @@ impl Layer {
             .forward(&(blas::linear(&self.attn_out, &ctx)? + x)?)?;
         let f = blas::linear(&self.inter, &x)?;
         let f = match self.act {
-            HiddenAct::Gelu if crate::fused::usable(&f) => crate::fused::gelu_erf(&f)?,
+            HiddenAct::Gelu if fused::usable(&f) => fused::gelu_erf(&f)?,
             HiddenAct::Gelu => f.gelu_erf()?,
             HiddenAct::GeluApproximate => f.gelu()?,
             HiddenAct::Relu => f.relu()?,

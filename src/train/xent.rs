@@ -57,7 +57,7 @@ impl CustomOp2 for Xent {
             .par_chunks(v)
             .zip(t.par_iter())
             .map(|(row, &id)| {
-                let lse = crate::blas::log_sum_exp_rows(row, v)[0];
+                let lse = crate::kernels::blas::log_sum_exp_rows(row, v)[0];
                 lse - row[id as usize]
             })
             .collect();
@@ -78,7 +78,7 @@ impl CustomOp2 for Xent {
         out.par_chunks_mut(v)
             .zip(t.par_iter().zip(g.par_iter()))
             .for_each(|(row, (&id, &gi))| {
-                crate::blas::softmax_in_place(row);
+                crate::kernels::blas::softmax_in_place(row);
                 row[id as usize] -= 1.0;
                 row.iter_mut().for_each(|r| *r *= gi);
             });

@@ -39,7 +39,7 @@ impl FastProj {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if !self.takes_fast_path(x) {
-            return super::linear(&self.dense, x);
+            return super::proj::linear(&self.dense, x);
         }
         let rows = x.elem_count() / self.q.cols;
         let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
@@ -52,8 +52,8 @@ impl FastProj {
             y = y.broadcast_add(b)?;
         }
         if let Some((a, b, scale)) = &self.side {
-            let low = crate::blas::matmul_t(x, a)?;
-            y = (y + (crate::blas::matmul_t(&low, b)? * *scale)?)?;
+            let low = crate::kernels::blas::matmul_t(x, a)?;
+            y = (y + (crate::kernels::blas::matmul_t(&low, b)? * *scale)?)?;
         }
         Ok(y)
     }
