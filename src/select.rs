@@ -72,7 +72,10 @@ pub fn expansion_mask(
         SelectMode::Random => random_n(chunks, num_expand(p, chunks), seed),
         SelectMode::Heuristic | SelectMode::Policy => match scores {
             Some(s) if s.len() == chunks => top_n(s, num_expand(p, chunks)),
-            Some(s) => anyhow::bail!("{mode:?} selection got {} scores for {chunks} chunks", s.len()),
+            Some(s) => anyhow::bail!(
+                "{mode:?} selection got {} scores for {chunks} chunks",
+                s.len()
+            ),
             None => anyhow::bail!("{mode:?} selection needs a score per chunk"),
         },
     })

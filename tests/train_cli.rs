@@ -500,7 +500,10 @@ fn every_training_stage_and_generate_are_bit_identical_under_the_same_seed() {
         );
         assert!(wa.len() >= 3, "{stage}: {} safetensors files", wa.len());
         for ((name, bytes), (_, other)) in wa.iter().zip(&wb) {
-            assert!(bytes == other, "{stage}: {name} differs under the same seed");
+            assert!(
+                bytes == other,
+                "{stage}: {name} differs under the same seed"
+            );
         }
         assert!(
             wa.iter().zip(&wc).any(|((_, p), (_, q))| p != q),

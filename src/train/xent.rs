@@ -1,5 +1,5 @@
 //! Cross-entropy of logits against target ids as one op: per row, the negative log-likelihood
-//! `lse(row) - row[target]` in one pass (the vectorised log-sum-exp of `blas.rs`), and in the
+//! `lse(row) - row[target]` in one pass (the vectorised log-sum-exp of `kernels/blas/softmax.rs`), and in the
 //! backward pass `softmax(row) - onehot(target)` scaled by the row's incoming gradient, written
 //! straight into the one gradient tensor. candle's `log_softmax` + `gather` builds several
 //! vocabulary-wide temporaries per row forward and more backward: with a 49K vocabulary and a
