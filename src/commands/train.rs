@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Device;
 use candle_nn::VarMap;
 use serde_json::json;
@@ -25,11 +25,13 @@ use crate::train::encoder::{ProjectorInit, TrainEncoder};
 use crate::train::optim::AdamWConfig;
 use crate::train::parts::{self, DecoderTraining, TrainDecoder, TrainState};
 use crate::train::policy::{init_policy_vars, policy_over, PolicyTask};
-use crate::train::qa::{QaData, QaLayoutArgs};
 use crate::train::run::{self, LoopConfig, Outcome, Task};
 use crate::train::schedule::{Curriculum, LrSchedule};
 use crate::train::sft::SftTask;
-use crate::{device, pipeline::Refrag, retrieve::Retriever};
+use crate::{device, pipeline::Refrag};
+
+mod qa;
+use qa::{QaFlags, QaSetup};
 
 /// Set by Ctrl-C; a second Ctrl-C quits at once.
 fn stop_flag() -> &'static AtomicBool {
@@ -352,6 +354,15 @@ pub fn run_cpt(a: &CptArgs, mode: CptMode) -> Result<()> {
         mode == CptMode::Recon && a.lora_rank.is_none(),
         a.runtime.seed,
     );
+    // Missing data fails before the models load.
+    for (flag, path) in [
+        ("--train_json", Some(&a.train_json)),
+        ("--eval_json", a.eval_json.as_ref()),
+    ] {
+        if let Some(p) = path.filter(|p| !p.is_file()) {
+            bail!("{flag} {}: no such file", p.display());
+        }
+    }
     let (dec, mut enc) = src.load_models(&training, a.runtime.seed, &dev)?;
     enc.frozen = a.freeze_enc;
     let data = match &a.eval_json {
@@ -359,7 +370,8 @@ pub fn run_cpt(a: &CptArgs, mode: CptMode) -> Result<()> {
             CptData::load_with_eval(&a.train_json, e, &dec.tok, a.train.eval_items, a.s, a.o)
                 .map_err(|err| anyhow::anyhow!("--eval_json {}: {err:#}", e.display()))?
         }
-        None => CptData::load(&a.train_json, &dec.tok, a.train.eval_items, a.s, a.o)?,
+        None => CptData::load(&a.train_json, &dec.tok, a.train.eval_items, a.s, a.o)
+            .map_err(|err| anyhow::anyhow!("--train_json {}: {err:#}", a.train_json.display()))?,
     };
     let lr = a
         .train
@@ -396,74 +408,42 @@ pub fn run_sft(a: &SftArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&a.expand_max) {
         bail!("--expand_max must be in [0, 1], got {}", a.expand_max);
     }
-    let (out_dir, resume) = out_dir_and_resume(&a.train, "sft")?;
-    let start = if resume.is_some() {
-        Some(out_dir.as_path())
-    } else {
-        a.load_dir.as_deref()
-    };
-    let src = Sources::resolve(
-        a.models.enc.as_deref(),
-        a.models.dec.as_deref(),
-        None,
-        start,
+    let q = QaSetup::open(
+        "sft",
+        QaFlags {
+            train: &a.train,
+            runtime: &a.runtime,
+            models: &a.models,
+            rag_json: &a.rag_json,
+            retrieve: &a.retrieve,
+            embed: &a.embed,
+            answerable: &a.answerable,
+            k: a.k,
+            ctx_max: a.ctx_max,
+            load_dir: a.load_dir.as_deref(),
+        },
     )?;
-    src.warn_k(a.k);
-    let dev = device::select(a.runtime.device)?;
-    let data = QaData::load(&a.rag_json, a.train.eval_items)?;
-    let retriever = Retriever::open(&a.retrieve.index_dir, a.embed.embed_model.as_deref(), &dev)?;
     let training = decoder_training(
         a.freeze_dec,
         a.lora_rank.unwrap_or(DEFAULT_LORA_RANK),
         false,
         a.runtime.seed,
     );
-    let (dec, enc) = src.load_models(&training, a.runtime.seed, &dev)?;
+    let (dec, enc) = q.src.load_models(&training, a.runtime.seed, &q.dev)?;
     let lr = a.train.lr.unwrap_or(2e-5);
-    let layout = QaLayoutArgs {
-        topk: a.retrieve.topk,
-        mode: a.retrieve.retrieval,
-        k: a.k,
-        ctx_max: a.ctx_max,
-    };
-    let data = answerable(data, &retriever, &layout, &a.answerable, &a.rag_json, "sft")?;
     let mut task = SftTask {
         enc,
         dec,
-        data,
-        retriever: Box::new(retriever),
-        layout,
-        dec_name: src.dec.clone(),
+        data: q.data,
+        retriever: Box::new(q.retriever),
+        layout: q.layout,
+        dec_name: q.src.dec.clone(),
         dec_lr_scale: a.dec_lr.map_or(1.0, |d| d / lr),
         eval_batch: a.train.micro_batch,
         expand_max: a.expand_max,
     };
-    let cfg = loop_config(&a.train, &a.runtime, lr, out_dir, resume);
+    let cfg = loop_config(&a.train, &a.runtime, lr, q.out_dir, q.resume);
     finish(&mut task, &cfg)
-}
-
-/// `data` with only the pairs whose passages hold an answer, unless `--keep_unanswerable`; says
-/// on stderr how many were kept.
-fn answerable(
-    mut data: QaData,
-    retriever: &Retriever,
-    layout: &QaLayoutArgs,
-    a: &crate::cli::AnswerableArg,
-    rag_json: &Path,
-    stage: &str,
-) -> Result<QaData> {
-    if a.keep_unanswerable {
-        return Ok(data);
-    }
-    let (kept, of) = data
-        .keep_answerable(retriever, layout)
-        .with_context(|| format!("--rag_json {}", rag_json.display()))?;
-    eprintln!(
-        "refrag: {stage}: {kept} of the {of} pairs train and {} are held out; the rest have no \
-         gold answer in their retrieved passages (--keep_unanswerable keeps them)",
-        data.eval.len()
-    );
-    Ok(data)
 }
 
 /// The policy's variables: from the starting weights when they hold a policy of this width
@@ -508,67 +488,52 @@ fn validate_policy(a: &TrainPolicyArgs) -> Result<()> {
 pub fn run_policy(a: &TrainPolicyArgs) -> Result<()> {
     validate_policy(a)?;
     let c = &a.compress;
-    let (out_dir, resume) = out_dir_and_resume(&a.train, "train_policy")?;
-    let start = if resume.is_some() {
-        Some(out_dir.clone())
-    } else {
-        c.load_dir.clone()
-    };
-    let src = Sources::resolve(
-        a.models.enc.as_deref(),
-        a.models.dec.as_deref(),
-        None,
-        start.as_deref(),
+    let q = QaSetup::open(
+        "train_policy",
+        QaFlags {
+            train: &a.train,
+            runtime: &a.runtime,
+            models: &a.models,
+            rag_json: &a.rag_json,
+            retrieve: &a.retrieve,
+            embed: &a.embed,
+            answerable: &a.answerable,
+            k: c.k,
+            ctx_max: c.ctx_max,
+            load_dir: c.load_dir.as_deref(),
+        },
     )?;
-    src.warn_k(c.k);
-    let dev = device::select(a.runtime.device)?;
-    let data = QaData::load(&a.rag_json, a.train.eval_items)?;
-    let retriever = Retriever::open(&a.retrieve.index_dir, a.embed.embed_model.as_deref(), &dev)?;
-    let enc_arg = if start.is_some() {
+    let enc_arg = if q.start.is_some() {
         None
     } else {
-        Some(src.enc.as_str())
+        Some(q.src.enc.as_str())
     };
     let refrag = Refrag::load_with(
         enc_arg,
-        &src.dec,
-        start.as_deref(),
+        &q.src.dec,
+        q.start.as_deref(),
         a.runtime.seed,
-        &dev,
+        &q.dev,
         c.quantized,
     )?;
     let pc = PolicyConfig {
         d: refrag.decoder.hidden_size(),
         hidden: a.policy_hidden,
     };
-    let vars = policy_vars(&src, &pc, resume.is_some(), a.runtime.seed, &dev)?;
-    let policy = policy_over(&vars, &pc, &dev)?;
-    let layout = QaLayoutArgs {
-        topk: a.retrieve.topk,
-        mode: a.retrieve.retrieval,
-        k: c.k,
-        ctx_max: c.ctx_max,
-    };
-    let data = answerable(
-        data,
-        &retriever,
-        &layout,
-        &a.answerable,
-        &a.rag_json,
-        "train_policy",
-    )?;
+    let vars = policy_vars(&q.src, &pc, q.resume.is_some(), a.runtime.seed, &q.dev)?;
+    let policy = policy_over(&vars, &pc, &q.dev)?;
     let mut task = PolicyTask {
         refrag,
         policy,
         vars,
         hidden: a.policy_hidden,
-        data,
-        retriever: Box::new(retriever),
-        layout,
+        data: q.data,
+        retriever: Box::new(q.retriever),
+        layout: q.layout,
         p: c.p,
         group: a.group,
-        load_dir: start,
-        encoder_model: src.enc.clone(),
+        load_dir: q.start,
+        encoder_model: q.src.enc.clone(),
         warm_start: a.warm_start,
         step: 0,
     };
@@ -576,8 +541,8 @@ pub fn run_policy(a: &TrainPolicyArgs) -> Result<()> {
         &a.train,
         &a.runtime,
         a.train.lr.unwrap_or(1e-4),
-        out_dir,
-        resume,
+        q.out_dir,
+        q.resume,
     );
     finish(&mut task, &cfg)
 }
