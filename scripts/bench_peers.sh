@@ -23,8 +23,10 @@ CORPUS=data/corpus_large.txt
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q --extra-index-url https://download.pytorch.org/whl/cpu \
-    torch sentence-transformers faiss-cpu llama-cpp-python
+  # PyPI's torch brings CUDA libraries; PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+  # (where reachable) installs the much smaller CPU build instead.
+  "$VENV/bin/pip" install -q llama-cpp-python
+  "$VENV/bin/pip" install -q faiss-cpu sentence-transformers
 fi
 mkdir -p "$OUT"
 "$VENV/bin/python" scripts/bench_peers.py --gguf "$GGUF" --encoder "$ENC" --corpus "$CORPUS" \
