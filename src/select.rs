@@ -2,6 +2,8 @@
 //! trained policy's scores, by the perplexity heuristic (the chunks the decoder finds hardest),
 //! at random, or none / all for ablations.
 
+pub mod heuristic;
+
 use clap::ValueEnum;
 use rand::seq::index::sample;
 use rand::SeedableRng;
