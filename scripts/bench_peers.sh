@@ -25,7 +25,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/pip" install -q --upgrade pip
   # PyPI's torch brings CUDA libraries; PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
   # (where reachable) installs the much smaller CPU build instead.
-  "$VENV/bin/pip" install -q llama-cpp-python
+  # llama-cpp-python 0.3.36 built with -march=native segfaulted on every multi-token prompt on
+  # this AVX-512 + AMX CPU; built for AVX2 it runs (LLAMA_CMAKE_ARGS overrides).
+  CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF}" \
+    "$VENV/bin/pip" install -q --no-cache-dir llama-cpp-python
   "$VENV/bin/pip" install -q faiss-cpu sentence-transformers
 fi
 mkdir -p "$OUT"
