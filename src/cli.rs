@@ -200,6 +200,10 @@ pub struct IndexArgs {
     /// again.
     #[arg(long, conflicts_with = "force")]
     pub append: bool,
+    /// With --append: drop the index's documents that --corpus no longer holds (files deleted
+    /// from the folder), so appending the folder an index was built from equals a rebuild.
+    #[arg(long, requires = "append")]
+    pub prune: bool,
     /// Output directory (written atomically: a temporary directory renamed at the end).
     #[arg(long = "index_dir", alias = "index-dir")]
     pub index_dir: PathBuf,

@@ -23,9 +23,22 @@ fn main() {
     }
 }
 
-/// The first line of clap's message, without its "error: " prefix.
+/// The first line of clap's message, without its "error: " prefix; when that line ends in a colon
+/// (missing required arguments), the indented lines it introduces follow it on the same line.
 fn first_line(e: &clap::Error) -> String {
     let text = e.render().to_string();
-    let line = text.lines().next().unwrap_or("invalid command line");
-    line.trim_start_matches("error: ").to_string()
+    let mut lines = text.lines();
+    let mut line = lines
+        .next()
+        .unwrap_or("invalid command line")
+        .trim_start_matches("error: ")
+        .to_string();
+    if line.ends_with(':') {
+        let items: Vec<&str> = lines
+            .take_while(|l| l.starts_with(' '))
+            .map(str::trim)
+            .collect();
+        line = format!("{} {}", line, items.join(", "));
+    }
+    line
 }

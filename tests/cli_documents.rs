@@ -371,6 +371,60 @@ fn append_extends_the_chunk_cache_as_a_rebuild_builds_it() {
 }
 
 #[test]
+fn append_with_prune_drops_deleted_documents_as_a_rebuild_would() {
+    use refrag::chunk_cache::ChunkCache;
+    let f = Fixture::new();
+    refrag::testing::llama::write_tiny_llama(&f.path("dec"), 3).unwrap();
+    let (b, d) = (f.model.clone(), f.s("dec"));
+    let cache = ["--enc", &b, "--dec", &d, "--k", "4"];
+    ok(f.index("docs", "idx", &cache));
+    ok(f.index("docs", "kept", &cache));
+    std::fs::remove_file(f.path("docs/lines.txt")).unwrap();
+    std::fs::write(f.path("docs/new.md"), "Alloy_6 is hard.\n").unwrap();
+    // Without --prune the deleted file's passages stay.
+    ok(f.index("docs", "kept", &[&cache[..], &["--append"]].concat()));
+    assert_eq!(count(&f.passages("kept"), "lines.txt").len(), 2);
+    ok(f.index("docs", "full", &cache));
+    let o = ok(f.index(
+        "docs",
+        "idx",
+        &[&cache[..], &["--append", "--prune"]].concat(),
+    ));
+    assert!(
+        stderr(&o).contains("1 documents added, 0 replaced, 5 unchanged, 1 removed; embedded 1 of"),
+        "{}",
+        stderr(&o)
+    );
+    let full = f.passages("full");
+    assert_eq!(f.passages("idx"), full);
+    assert!(count(&full, "lines.txt").is_empty());
+    let (ma, mb) = (f.manifest("idx"), f.manifest("full"));
+    for key in ["count", "corpus_sha256", "documents"] {
+        assert_eq!(ma[key], mb[key], "{key}");
+    }
+    let load = |idx: &str| {
+        ChunkCache::load(&f.path(idx))
+            .unwrap()
+            .expect("a chunk cache")
+    };
+    let (a, r) = (load("idx"), load("full"));
+    assert_eq!(a.meta, r.meta);
+    for id in 0..r.meta.passages {
+        assert_eq!(a.chunk_range(id), r.chunk_range(id), "passage {id}");
+    }
+    for q in ["City_1 lies on River_1", "Alloy_6 is hard"] {
+        assert_eq!(
+            f.search("idx", q, "hybrid")["hits"],
+            f.search("full", q, "hybrid")["hits"]
+        );
+    }
+    // --prune means nothing without --append.
+    let o = f.index("docs", "other", &["--prune"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--append"), "{}", stderr(&o));
+}
+
+#[test]
 fn a_failed_append_leaves_the_index_and_old_indexes_still_load() {
     let f = Fixture::new();
     ok(f.index("docs", "idx", &[]));

@@ -254,6 +254,7 @@ fn squad_index(a: &EvalArgs, squad: &crate::squad::Squad) -> Result<tempfile::Te
         passage_tokens: None,
         passage_overlap: 32,
         append: false,
+        prune: false,
         index_dir: tmp.path().join("index"),
         embed: a.embed.clone(),
         index_type: "Flat".to_string(),

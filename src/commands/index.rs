@@ -124,7 +124,7 @@ fn append(args: &IndexArgs, cache_k: Option<usize>) -> Result<()> {
     }
     let corpus = documents::read(&args.corpus, &splitter, args.strict)?;
     let records = index::read_passage_records(dir, &old)?;
-    let plan = index::append::plan(&old.documents, &records, &corpus.documents)?;
+    let plan = index::append::plan(&old.documents, &records, &corpus.documents, args.prune)?;
     let device = crate::device::select(args.runtime.device)?;
     let vectors = append_vectors(args, &old, &files, &plan, &device)?;
     let mut dense = index::new_dense_index(old.dim, &old.index_type)?;
@@ -148,11 +148,15 @@ fn append(args: &IndexArgs, cache_k: Option<usize>) -> Result<()> {
     }
     staging.commit()?;
     eprintln!(
-        "refrag: appended to {}: {} documents added, {} replaced, {} unchanged; embedded {} of {} passages",
+        "refrag: appended to {}: {} documents added, {} replaced, {} unchanged{}; embedded {} of {} passages",
         dir.display(),
         plan.added,
         plan.replaced,
         plan.unchanged,
+        match args.prune {
+            true => format!(", {} removed", plan.removed),
+            false => String::new(),
+        },
         plan.to_embed.len(),
         plan.passages.len()
     );

@@ -6,7 +6,9 @@
 //! `--corpus` in corpus order: one the index holds with the same content hash keeps its passages
 //! (and their stored vectors and cached chunks), a changed or new one gets its new passages,
 //! embedded now. Appending the corpus an index was built from after changing or adding files
-//! thus gives the index a full rebuild would, passage ids included.
+//! thus gives the index a full rebuild would, passage ids included; with `prune` (`--prune`)
+//! the old documents that `--corpus` does not hold are dropped instead of kept in front, so
+//! after deleting files too the result equals a rebuild.
 
 use anyhow::{bail, Result};
 
@@ -33,6 +35,8 @@ pub struct Plan {
     pub added: usize,
     pub replaced: usize,
     pub unchanged: usize,
+    /// Old documents dropped because `--corpus` no longer holds them (`prune`).
+    pub removed: usize,
 }
 
 impl Plan {
@@ -55,7 +59,14 @@ fn entry(d: &Document) -> DocumentEntry {
 }
 
 /// Plan the new index from the old one's documents and passages and the documents read now.
-pub fn plan(old_docs: &[DocumentEntry], old: &[PassageRecord], new: &[Document]) -> Result<Plan> {
+/// With `prune`, the old documents that `new` does not hold are dropped (counted in
+/// [`Plan::removed`]) instead of kept in front.
+pub fn plan(
+    old_docs: &[DocumentEntry],
+    old: &[PassageRecord],
+    new: &[Document],
+    prune: bool,
+) -> Result<Plan> {
     if old_docs.iter().map(|d| d.passages).sum::<usize>() != old.len() {
         bail!("the manifest's documents do not add up to its passages; rebuild the index");
     }
@@ -67,6 +78,7 @@ pub fn plan(old_docs: &[DocumentEntry], old: &[PassageRecord], new: &[Document])
         added: 0,
         replaced: 0,
         unchanged: 0,
+        removed: 0,
     };
     let names: std::collections::HashSet<&str> = new.iter().map(|d| d.source.as_str()).collect();
     let mut kept = std::collections::HashMap::new();
@@ -76,6 +88,8 @@ pub fn plan(old_docs: &[DocumentEntry], old: &[PassageRecord], new: &[Document])
         first = ids.end;
         if names.contains(od.source.as_str()) {
             kept.insert(od.source.as_str(), (od, ids));
+        } else if prune {
+            plan.removed += 1;
         } else {
             plan.push_old(od, ids, old)?;
         }
@@ -170,7 +184,7 @@ mod tests {
             doc("a", "9", &["A0"]),
             doc("b", "2", &["b0"]),
         ];
-        let p = plan(&entries, &records, &new).unwrap();
+        let p = plan(&entries, &records, &new, false).unwrap();
         let texts: Vec<&str> = p.passages.iter().map(|x| x.text.as_str()).collect();
         assert_eq!(texts, ["z0", "c0", "A0", "b0"]);
         let from = [
@@ -184,6 +198,13 @@ mod tests {
         assert_eq!((p.added, p.replaced, p.unchanged), (1, 1, 1));
         let names: Vec<&str> = p.documents.iter().map(|d| d.source.as_str()).collect();
         assert_eq!(names, ["z", "c", "a", "b"]);
-        assert!(plan(&entries, &records[..2], &new).is_err());
+        assert_eq!(p.removed, 0);
+        assert!(plan(&entries, &records[..2], &new, false).is_err());
+        // Pruned: "z", which the new corpus does not hold, goes; the rest is the same.
+        let q = plan(&entries, &records, &new, true).unwrap();
+        let texts: Vec<&str> = q.passages.iter().map(|x| x.text.as_str()).collect();
+        assert_eq!(texts, ["c0", "A0", "b0"]);
+        assert_eq!(q.from, from[1..]);
+        assert_eq!((q.added, q.replaced, q.unchanged, q.removed), (1, 1, 1, 1));
     }
 }
