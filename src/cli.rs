@@ -11,7 +11,10 @@ pub use crate::device::DeviceArg;
 pub use crate::retrieve::RetrievalMode;
 pub use crate::select::SelectMode;
 
+mod range;
 mod train;
+
+use range::{non_negative_f64, open_unit_interval, positive_f64, positive_usize, unit_interval};
 
 pub use train::{CptArgs, PolicyCompressArgs, SftArgs, TrainArgs, TrainPolicyArgs};
 
@@ -100,7 +103,7 @@ pub struct RetrieveArgs {
     #[arg(long = "index_dir", alias = "index-dir")]
     pub index_dir: PathBuf,
     /// Number of passages to retrieve.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive_usize)]
     pub topk: usize,
     /// Ranking to retrieve with.
     #[arg(long, value_enum, default_value_t = RetrievalMode::Hybrid)]
@@ -115,7 +118,7 @@ pub struct EvalRetrieveArgs {
     #[arg(long = "index_dir", alias = "index-dir")]
     pub index_dir: Option<PathBuf>,
     /// Number of passages to retrieve.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive_usize)]
     pub topk: usize,
     /// Ranking to retrieve with.
     #[arg(long, value_enum, default_value_t = RetrievalMode::Hybrid)]
@@ -151,13 +154,13 @@ pub struct CompressArgs {
     #[arg(long)]
     pub quantized: bool,
     /// Decoder tokens per chunk.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive_usize)]
     pub k: usize,
     /// Fraction of chunks expanded back to full tokens (0 = all compressed, 1 = full context).
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = 0.25, value_parser = unit_interval)]
     pub p: f64,
     /// Cap on context tokens (decoder tokens of retrieved passages) before compression.
-    #[arg(long = "ctx_max", alias = "ctx-max", default_value_t = 2048)]
+    #[arg(long = "ctx_max", alias = "ctx-max", default_value_t = 2048, value_parser = positive_usize)]
     pub ctx_max: usize,
     /// Use the perplexity heuristic instead of the trained policy (same as --select heuristic).
     #[arg(long)]
@@ -186,7 +189,7 @@ pub struct IndexArgs {
     pub strict: bool,
     /// Most retrieval-model tokens per passage of a document [default: the embedder's window
     /// less its two special tokens, 254 for all-MiniLM-L6-v2].
-    #[arg(long = "passage_tokens", alias = "passage-tokens")]
+    #[arg(long = "passage_tokens", alias = "passage-tokens", value_parser = positive_usize)]
     pub passage_tokens: Option<usize>,
     /// Tokens of whole sentences a passage repeats from the one before when a paragraph is cut.
     #[arg(
@@ -213,7 +216,7 @@ pub struct IndexArgs {
     #[arg(long = "index_type", alias = "index-type", default_value = "Flat")]
     pub index_type: String,
     /// Passages embedded per batch.
-    #[arg(long = "batch_size", alias = "batch-size", default_value_t = 64)]
+    #[arg(long = "batch_size", alias = "batch-size", default_value_t = 64, value_parser = positive_usize)]
     pub batch_size: usize,
     /// Chunk encoder whose chunk vectors are cached beside the index (the chunk cache is built
     /// when any of --enc, --dec, --k or --load_dir is given; the others take their defaults).
@@ -223,7 +226,7 @@ pub struct IndexArgs {
     #[arg(long)]
     pub dec: Option<String>,
     /// Decoder tokens per chunk for the chunk cache [default: 16 when the cache is built].
-    #[arg(long)]
+    #[arg(long, value_parser = positive_usize)]
     pub k: Option<usize>,
     /// Trained weights whose encoder computes the cached chunk vectors [default: the shipped
     /// weights/ when they were trained for these models and a chunk cache is built].
@@ -273,13 +276,13 @@ pub struct AnswerArgs {
     #[command(flatten)]
     pub compress: CompressArgs,
     /// Maximum new tokens to generate.
-    #[arg(long = "max_new", alias = "max-new", default_value_t = 64)]
+    #[arg(long = "max_new", alias = "max-new", default_value_t = 64, value_parser = positive_usize)]
     pub max_new: usize,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_f64)]
     pub temperature: f64,
     /// Nucleus sampling threshold.
-    #[arg(long = "top_p", alias = "top-p", default_value_t = 0.9)]
+    #[arg(long = "top_p", alias = "top-p", default_value_t = 0.9, value_parser = open_unit_interval)]
     pub top_p: f64,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
@@ -366,10 +369,10 @@ pub struct EvalArgs {
     #[arg(long, value_enum, value_delimiter = ',')]
     pub modes: Vec<EvalMode>,
     /// Evaluate only the first N questions.
-    #[arg(long)]
+    #[arg(long, value_parser = positive_usize)]
     pub limit: Option<usize>,
     /// Maximum new tokens per answer (greedy decoding).
-    #[arg(long = "max_new", alias = "max-new", default_value_t = 24)]
+    #[arg(long = "max_new", alias = "max-new", default_value_t = 24, value_parser = positive_usize)]
     pub max_new: usize,
     /// Where to write the JSON report (the markdown table goes to stdout).
     #[arg(long, default_value = "runs/eval.json")]
@@ -407,14 +410,14 @@ pub struct BenchArgs {
     #[arg(long = "no_weights", alias = "no-weights")]
     pub no_weights: bool,
     /// Context lengths in decoder tokens, comma-separated (those the decoder cannot hold are skipped).
-    #[arg(long, value_delimiter = ',', default_values_t = [512usize, 1024, 2048, 4096, 8192])]
+    #[arg(long, value_delimiter = ',', default_values_t = [512usize, 1024, 2048, 4096, 8192], value_parser = positive_usize)]
     pub contexts: Vec<usize>,
     /// Decoder tokens per chunk, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [8usize, 16, 32])]
+    #[arg(long, value_delimiter = ',', default_values_t = [8usize, 16, 32], value_parser = positive_usize)]
     pub ks: Vec<usize>,
     /// Fractions of chunks expanded on the REFRAG side, comma-separated (0 = the paper's headline
     /// full compression; 0.25 = generate's default).
-    #[arg(long, value_delimiter = ',', default_values_t = [0.0f64, 0.25])]
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0f64, 0.25], value_parser = unit_interval)]
     pub p: Vec<f64>,
     /// Chunk-cache settings to measure.
     #[arg(long, value_enum, default_value_t = CacheArg::Both)]
@@ -423,17 +426,17 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Timed runs per cell; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = positive_usize)]
     pub repeats: usize,
     /// Tokens decoded after the first (for TTIT and throughput; EOS does not stop them).
-    #[arg(long = "max_new", alias = "max-new", default_value_t = 8)]
+    #[arg(long = "max_new", alias = "max-new", default_value_t = 8, value_parser = positive_usize)]
     pub max_new: usize,
     /// The question placed after the passages.
     #[arg(long, default_value = "Which river flows through City_10000?")]
     pub question: String,
     /// Peak f32 GFLOP/s of this machine, for the fraction-of-peak column [default: measured,
     /// the best of a few large square matrix products through the same BLAS the decoder uses].
-    #[arg(long = "peak_gflops", alias = "peak-gflops")]
+    #[arg(long = "peak_gflops", alias = "peak-gflops", value_parser = positive_f64)]
     pub peak_gflops: Option<f64>,
     /// Output directory: bench.json, meta.json and ttft.svg.
     #[arg(long = "out_dir", alias = "out-dir", default_value = "runs/bench")]

@@ -102,6 +102,33 @@ fn unknown_flag_is_one_line_and_exit_2() {
     assert!(err.contains("--bogus"), "{err}");
 }
 
+/// A numeric flag out of its range is refused while parsing: exit status 2 and one line that
+/// names the flag and the range, before any file is read.
+#[test]
+fn out_of_range_values_are_one_line_and_exit_2() {
+    let generate = ["generate", "--index_dir", "idx", "--question", "q"];
+    let sft = ["sft", "--rag_json", "q.jsonl", "--index_dir", "idx"];
+    for (base, flag, value, range) in [
+        (&generate[..], "--topk", "0", "must be at least 1"),
+        (&generate[..], "--p", "1.5", "must be in [0, 1]"),
+        (&generate[..], "--top_p", "0", "must be in (0, 1]"),
+        (&sft[..], "--expand_max", "2", "must be in [0, 1]"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend([flag, value]);
+        let out = refrag(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        let upper = flag.trim_start_matches('-').to_uppercase();
+        let needle = format!("invalid value '{value}' for '{flag} <{upper}>': {range}");
+        assert!(
+            err.starts_with("refrag: ") && err.contains(&needle),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn version_lists_features() {
     let out = refrag(&["--version"]);

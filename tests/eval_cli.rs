@@ -262,7 +262,10 @@ fn bad_flags_fail_in_one_line() {
         (vec!["--select", "random"], "--select"),
         (vec!["--p", "2"], "--p"),
         (vec!["--limit", "0"], "--limit"),
-        (vec!["--max_new", "0"], "--max_new must be at least 1"),
+        (
+            vec!["--max_new", "0"],
+            "'--max_new <MAX_NEW>': must be at least 1",
+        ),
         (vec!["--ctx_max", "2048"], "--ctx_max 2048 leaves no room"),
     ] {
         let o = f.eval("idx", "bad.json", &extra);

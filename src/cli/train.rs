@@ -6,16 +6,17 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::range::{at_least, non_negative_f64, positive_f64, positive_usize, unit_interval};
 use super::{AnswerableArg, EmbedModelArg, EncDecArgs, RetrieveArgs, RuntimeArgs};
 
 /// Flags of the training commands.
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
     /// Optimiser steps.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = positive_usize)]
     pub steps: usize,
     /// Peak learning rate [default: 2e-4 cpt_recon, 5e-5 cpt_next, 2e-5 sft, 1e-4 train_policy].
-    #[arg(long)]
+    #[arg(long, value_parser = positive_f64)]
     pub lr: Option<f64>,
     /// Log every N steps.
     #[arg(long = "log_every", alias = "log-every", default_value_t = 20)]
@@ -34,16 +35,16 @@ pub struct TrainArgs {
     #[arg(long)]
     pub warmup: Option<usize>,
     /// Training examples (questions for train_policy) per optimiser step.
-    #[arg(long = "batch_size", alias = "batch-size", default_value_t = 2)]
+    #[arg(long = "batch_size", alias = "batch-size", default_value_t = 2, value_parser = positive_usize)]
     pub batch_size: usize,
     /// Examples per forward/backward pass; gradients are accumulated over the batch.
-    #[arg(long = "micro_batch", alias = "micro-batch", default_value_t = 1)]
+    #[arg(long = "micro_batch", alias = "micro-batch", default_value_t = 1, value_parser = positive_usize)]
     pub micro_batch: usize,
     /// Clip the global gradient norm to this (0 = no clipping).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
     pub clip: f64,
     /// AdamW weight decay (matrices only).
-    #[arg(long = "weight_decay", alias = "weight-decay", default_value_t = 0.01)]
+    #[arg(long = "weight_decay", alias = "weight-decay", default_value_t = 0.01, value_parser = non_negative_f64)]
     pub weight_decay: f64,
     /// Checkpoint every N steps (0 = only at the end; always at the end and on Ctrl-C).
     #[arg(long = "save_every", alias = "save-every", default_value_t = 100)]
@@ -67,10 +68,10 @@ pub struct CptArgs {
     #[command(flatten)]
     pub models: EncDecArgs,
     /// Decoder tokens per chunk.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive_usize)]
     pub k: usize,
     /// Fraction of chunks left expanded during next-paragraph training (cpt_next).
-    #[arg(long = "expand_frac", alias = "expand-frac", default_value_t = 0.25)]
+    #[arg(long = "expand_frac", alias = "expand-frac", default_value_t = 0.25, value_parser = unit_interval)]
     pub expand_frac: f64,
     /// Weights to start from (cpt_next: the cpt_recon output).
     #[arg(long = "load_dir", alias = "load-dir")]
@@ -91,7 +92,7 @@ pub struct CptArgs {
     pub dec_lr: Option<f64>,
     /// Most chunks reconstructed together in cpt_recon (the default curriculum grows 1, 2, 4, ..
     /// up to this).
-    #[arg(long = "max_chunks", alias = "max-chunks", default_value_t = 8)]
+    #[arg(long = "max_chunks", alias = "max-chunks", default_value_t = 8, value_parser = positive_usize)]
     pub max_chunks: usize,
     /// cpt_recon curriculum: stages separated by ';', each 'chunks:weight,...' (e.g.
     /// '1:1;1:1,2:2;1:1,2:2,4:4'); stages split --steps evenly [default: from --max_chunks].
@@ -120,13 +121,13 @@ pub struct PolicyCompressArgs {
     #[arg(long)]
     pub quantized: bool,
     /// Decoder tokens per chunk.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive_usize)]
     pub k: usize,
     /// Fraction of chunks the policy expands (its REINFORCE steps sample this many).
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = 0.25, value_parser = unit_interval)]
     pub p: f64,
     /// Cap on context tokens (decoder tokens of retrieved passages) before compression.
-    #[arg(long = "ctx_max", alias = "ctx-max", default_value_t = 2048)]
+    #[arg(long = "ctx_max", alias = "ctx-max", default_value_t = 2048, value_parser = positive_usize)]
     pub ctx_max: usize,
     /// Weights to start from (the sft output).
     #[arg(long = "load_dir", alias = "load-dir")]
@@ -149,10 +150,10 @@ pub struct TrainPolicyArgs {
     #[command(flatten)]
     pub compress: PolicyCompressArgs,
     /// Hidden width of the policy network.
-    #[arg(long = "policy_hidden", alias = "policy-hidden", default_value_t = 256)]
+    #[arg(long = "policy_hidden", alias = "policy-hidden", default_value_t = 256, value_parser = positive_usize)]
     pub policy_hidden: usize,
-    /// Expansion sets sampled per question (their mean reward is the baseline).
-    #[arg(long, default_value_t = 4)]
+    /// Expansion sets sampled per question, at least 2 (their mean reward is the baseline).
+    #[arg(long, default_value_t = 4, value_parser = at_least::<2>)]
     pub group: usize,
     /// First steps that fit the policy to the chunks holding the gold answer (supervised, no
     /// decoder pass) before REINFORCE takes over.
@@ -178,10 +179,10 @@ pub struct SftArgs {
     #[command(flatten)]
     pub models: EncDecArgs,
     /// Decoder tokens per chunk.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive_usize)]
     pub k: usize,
     /// Cap on context tokens (decoder tokens of retrieved passages) before compression.
-    #[arg(long = "ctx_max", alias = "ctx-max", default_value_t = 2048)]
+    #[arg(long = "ctx_max", alias = "ctx-max", default_value_t = 2048, value_parser = positive_usize)]
     pub ctx_max: usize,
     /// Weights to start from (the cpt_next output).
     #[arg(long = "load_dir", alias = "load-dir")]
@@ -194,7 +195,7 @@ pub struct SftArgs {
     pub lora_rank: Option<usize>,
     /// Largest expansion fraction drawn per training example (uniform in [0, this]): below 1
     /// spends the steps on the compressed inputs inference uses.
-    #[arg(long = "expand_max", alias = "expand-max", default_value_t = 1.0)]
+    #[arg(long = "expand_max", alias = "expand-max", default_value_t = 1.0, value_parser = unit_interval)]
     pub expand_max: f64,
     /// Learning rate of the decoder [default: --lr].
     #[arg(long = "dec_lr", alias = "dec-lr")]

@@ -7,18 +7,14 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde_json::Value;
 
-use super::generate::{check_flags, check_one, decoder_limits, with_weights, Session};
+use super::generate::{check_one, decoder_limits, with_weights, Session};
 use crate::cli::ChatArgs;
 
 pub fn run(a: &ChatArgs) -> Result<()> {
     let g = &a.answer;
-    check_flags(g)?;
-    if g.max_new == 0 {
-        bail!("--max_new must be at least 1");
-    }
     let c = &with_weights(&g.compress, &g.models)?;
     let limits = decoder_limits(&g.models, c)?;
     let session = Session::open(g, c)?;

@@ -26,20 +26,6 @@ use candle_core::Device;
 
 use super::questions;
 
-/// Check the compression flags before any model loads.
-pub fn validate_compress(c: &CompressArgs) -> Result<()> {
-    if !(0.0..=1.0).contains(&c.p) {
-        bail!("--p must be in [0, 1], got {}", c.p);
-    }
-    if c.k == 0 {
-        bail!("--k must be at least 1");
-    }
-    if c.ctx_max == 0 {
-        bail!("--ctx_max must be at least 1");
-    }
-    Ok(())
-}
-
 /// `c` with `--load_dir` resolved: as given, else the shipped weights when they were trained
 /// for these models (unless `--no_weights`).
 pub fn with_weights(c: &CompressArgs, models: &EncDecArgs) -> Result<CompressArgs> {
@@ -110,21 +96,6 @@ pub fn open_pipeline(
     )?;
     let cache = usable_cache(&refrag, &r.index_dir, c.k)?;
     Ok((dev, retriever, dec, refrag, cache))
-}
-
-/// The flags of `generate` other than the question, checked before anything is read.
-pub(crate) fn check_flags(a: &AnswerArgs) -> Result<()> {
-    validate_compress(&a.compress)?;
-    if a.temperature < 0.0 {
-        bail!("--temperature must be >= 0, got {}", a.temperature);
-    }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top_p must be in (0, 1], got {}", a.top_p);
-    }
-    if a.retrieve.topk == 0 {
-        bail!("--topk must be at least 1");
-    }
-    Ok(())
 }
 
 /// One question non-empty and within the decoder's window; `what` names it in the error.
@@ -293,7 +264,6 @@ impl<'a> Session<'a> {
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let a = &args.answer;
-    check_flags(a)?;
     if args.out.is_some() && args.questions.is_none() {
         bail!("--out writes the answers of --questions FILE; without it the answer goes to stdout");
     }
@@ -306,9 +276,6 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         (None, Some(path)) => Some((path, questions::read(path)?)),
         (None, None) => bail!("give --question or --questions"),
     };
-    if a.max_new == 0 {
-        bail!("--max_new must be at least 1");
-    }
     let c = &with_weights(&a.compress, &a.models)?;
     let limits = decoder_limits(&a.models, c)?;
     match batch {

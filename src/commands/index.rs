@@ -24,10 +24,7 @@ use crate::index::{
 use crate::{chunk_cache, progress};
 
 pub fn run(args: &IndexArgs) -> Result<()> {
-    if args.batch_size == 0 {
-        bail!("--batch_size must be at least 1");
-    }
-    let cache_k = chunk_cache_k(args)?;
+    let cache_k = chunk_cache_k(args);
     // Held until the staging directory is renamed into place (dropped at the end of `run`).
     let _lock = crate::lock::DirLock::acquire(&args.index_dir, "--index_dir")?;
     if !args.corpus.exists() {
@@ -381,12 +378,8 @@ fn embed_with_progress(
 }
 
 /// The chunk cache's `k` when the cache is asked for (any of --enc, --dec, --k, --load_dir).
-fn chunk_cache_k(args: &IndexArgs) -> Result<Option<usize>> {
+fn chunk_cache_k(args: &IndexArgs) -> Option<usize> {
     let asked =
         args.enc.is_some() || args.dec.is_some() || args.k.is_some() || args.load_dir.is_some();
-    match args.k {
-        Some(0) => bail!("--k must be at least 1"),
-        _ if !asked => Ok(None),
-        k => Ok(Some(k.unwrap_or(16))),
-    }
+    asked.then(|| args.k.unwrap_or(16))
 }

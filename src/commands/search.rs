@@ -38,9 +38,6 @@ pub fn run(args: &SearchArgs) -> Result<()> {
     if args.out.is_some() && args.questions.is_none() {
         bail!("--out writes the answers of --questions FILE; without it the answer goes to stdout");
     }
-    if r.topk == 0 {
-        bail!("--topk must be at least 1");
-    }
     let batch = match (&args.question, &args.questions) {
         (Some(q), _) => {
             if q.trim().is_empty() {

@@ -53,20 +53,6 @@ fn stop_flag() -> &'static AtomicBool {
 
 /// Check the shared training flags.
 fn validate_train(t: &TrainArgs) -> Result<()> {
-    if t.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
-    if let Some(lr) = t.lr {
-        if !(lr > 0.0 && lr.is_finite()) {
-            bail!("--lr must be > 0, got {lr}");
-        }
-    }
-    if t.batch_size == 0 || t.micro_batch == 0 {
-        bail!("--batch_size and --micro_batch must be at least 1");
-    }
-    if t.clip < 0.0 || t.weight_decay < 0.0 {
-        bail!("--clip and --weight_decay must be >= 0");
-    }
     if t.resume && t.force {
         bail!(
             "--resume and --force contradict each other (continue the checkpoint, or start over)"
@@ -317,15 +303,6 @@ pub fn run_cpt(a: &CptArgs, mode: CptMode) -> Result<()> {
     } else {
         "cpt_next"
     };
-    if a.k == 0 {
-        bail!("--k must be at least 1");
-    }
-    if !(0.0..=1.0).contains(&a.expand_frac) {
-        bail!("--expand_frac must be in [0, 1], got {}", a.expand_frac);
-    }
-    if a.max_chunks == 0 {
-        bail!("--max_chunks must be at least 1");
-    }
     let curriculum = match &a.curriculum {
         Some(s) => Curriculum::parse(s)?,
         None => Curriculum::default_for(a.max_chunks),
@@ -390,24 +367,9 @@ pub fn run_cpt(a: &CptArgs, mode: CptMode) -> Result<()> {
     finish(&mut task, &cfg)
 }
 
-/// Check the retrieval and layout flags shared by `sft` and `train_policy`.
-fn validate_qa(topk: usize, k: usize, ctx_max: usize) -> Result<()> {
-    if topk == 0 {
-        bail!("--topk must be at least 1");
-    }
-    if k == 0 || ctx_max == 0 {
-        bail!("--k and --ctx_max must be at least 1");
-    }
-    Ok(())
-}
-
 /// `sft`.
 pub fn run_sft(a: &SftArgs) -> Result<()> {
     validate_train(&a.train)?;
-    validate_qa(a.retrieve.topk, a.k, a.ctx_max)?;
-    if !(0.0..=1.0).contains(&a.expand_max) {
-        bail!("--expand_max must be in [0, 1], got {}", a.expand_max);
-    }
     let q = QaSetup::open(
         "sft",
         QaFlags {
@@ -471,22 +433,9 @@ fn policy_vars(
     Ok(vars)
 }
 
-fn validate_policy(a: &TrainPolicyArgs) -> Result<()> {
-    validate_train(&a.train)?;
-    let c = &a.compress;
-    validate_qa(a.retrieve.topk, c.k, c.ctx_max)?;
-    if !(0.0..=1.0).contains(&c.p) {
-        bail!("--p must be in [0, 1], got {}", c.p);
-    }
-    if a.group < 2 || a.policy_hidden == 0 {
-        bail!("--group must be at least 2 (the baseline is the group's mean) and --policy_hidden at least 1");
-    }
-    Ok(())
-}
-
 /// `train_policy`.
 pub fn run_policy(a: &TrainPolicyArgs) -> Result<()> {
-    validate_policy(a)?;
+    validate_train(&a.train)?;
     let c = &a.compress;
     let q = QaSetup::open(
         "train_policy",

@@ -26,9 +26,7 @@ struct Piece {
 impl Splitter {
     /// A splitter counting with the tokenizer at `path` (no truncation, no special tokens).
     pub fn new(tokenizer: &Path, max_tokens: usize, overlap: usize) -> Result<Self> {
-        if max_tokens == 0 {
-            bail!("--passage_tokens must be at least 1");
-        }
+        // A budget of 0 tokens is refused here too (no overlap is smaller than it).
         if overlap >= max_tokens {
             bail!("--passage_overlap {overlap} must be smaller than --passage_tokens {max_tokens}");
         }
