@@ -92,6 +92,20 @@ impl Fixture {
         refrag(&args)
     }
 
+    /// A tiny decoder in `dec/` and the flags that build a chunk cache with it (k = 4).
+    fn cache_flags(&self) -> Vec<String> {
+        refrag::testing::llama::write_tiny_llama(&self.path("dec"), 3).unwrap();
+        ["--enc", &self.model, "--dec", &self.s("dec"), "--k", "4"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    fn chunk_cache(&self, idx: &str) -> refrag::chunk_cache::ChunkCache {
+        refrag::chunk_cache::ChunkCache::load(&self.path(idx))
+            .unwrap()
+            .expect("a chunk cache")
+    }
+
     fn search(&self, idx: &str, question: &str, mode: &str) -> Value {
         let i = self.s(idx);
         let o = ok(refrag(&[
@@ -319,28 +333,10 @@ fn append_embeds_only_changed_documents_and_equals_a_rebuild() {
     }
 }
 
-#[test]
-fn append_extends_the_chunk_cache_as_a_rebuild_builds_it() {
-    use refrag::chunk_cache::ChunkCache;
-    let f = Fixture::new();
-    refrag::testing::llama::write_tiny_llama(&f.path("dec"), 3).unwrap();
-    let (b, d) = (f.model.clone(), f.s("dec"));
-    let cache = ["--enc", &b, "--dec", &d, "--k", "4"];
-    ok(f.index("docs", "idx", &cache));
-    std::fs::write(
-        f.path("docs/notes/guide.md"),
-        "# Guide\n\nCity_3 lies on River_8.\n",
-    )
-    .unwrap();
-    std::fs::write(f.path("docs/new.md"), "Alloy_6 is hard.\n").unwrap();
-    ok(f.index("docs", "idx", &[&cache[..], &["--append"]].concat()));
-    ok(f.index("docs", "full", &cache));
-    let load = |idx: &str| {
-        ChunkCache::load(&f.path(idx))
-            .unwrap()
-            .expect("a chunk cache")
-    };
-    let (a, full) = (load("idx"), load("full"));
+/// The chunk cache of `idx` holds what `full`'s does: metadata, each passage's chunks, their
+/// tokens, scores and vectors.
+fn assert_same_cache(f: &Fixture, idx: &str, full: &str) {
+    let (a, full) = (f.chunk_cache(idx), f.chunk_cache(full));
     assert_eq!(a.meta, full.meta);
     let cpu = candle_core::Device::Cpu;
     for id in 0..full.meta.passages {
@@ -357,11 +353,28 @@ fn append_extends_the_chunk_cache_as_a_rebuild_builds_it() {
         let diff = (va - vf).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "passage {id}");
     }
+}
+
+#[test]
+fn append_extends_the_chunk_cache_as_a_rebuild_builds_it() {
+    let f = Fixture::new();
+    let flags = f.cache_flags();
+    let cache: Vec<&str> = flags.iter().map(String::as_str).collect();
+    ok(f.index("docs", "idx", &cache));
+    std::fs::write(
+        f.path("docs/notes/guide.md"),
+        "# Guide\n\nCity_3 lies on River_8.\n",
+    )
+    .unwrap();
+    std::fs::write(f.path("docs/new.md"), "Alloy_6 is hard.\n").unwrap();
+    ok(f.index("docs", "idx", &[&cache[..], &["--append"]].concat()));
+    ok(f.index("docs", "full", &cache));
+    assert_same_cache(&f, "idx", "full");
     // Another k than the cache's is refused before anything is written.
     let o = f.index(
         "docs",
         "idx",
-        &["--append", "--enc", &b, "--dec", &d, "--k", "8"],
+        &[&["--append"], &cache[..4], &["--k", "8"]].concat(),
     );
     assert!(
         stderr(&o).contains("chunk cache has k=4, not --k 8"),
@@ -372,11 +385,9 @@ fn append_extends_the_chunk_cache_as_a_rebuild_builds_it() {
 
 #[test]
 fn append_with_prune_drops_deleted_documents_as_a_rebuild_would() {
-    use refrag::chunk_cache::ChunkCache;
     let f = Fixture::new();
-    refrag::testing::llama::write_tiny_llama(&f.path("dec"), 3).unwrap();
-    let (b, d) = (f.model.clone(), f.s("dec"));
-    let cache = ["--enc", &b, "--dec", &d, "--k", "4"];
+    let flags = f.cache_flags();
+    let cache: Vec<&str> = flags.iter().map(String::as_str).collect();
     ok(f.index("docs", "idx", &cache));
     ok(f.index("docs", "kept", &cache));
     std::fs::remove_file(f.path("docs/lines.txt")).unwrap();
@@ -402,16 +413,7 @@ fn append_with_prune_drops_deleted_documents_as_a_rebuild_would() {
     for key in ["count", "corpus_sha256", "documents"] {
         assert_eq!(ma[key], mb[key], "{key}");
     }
-    let load = |idx: &str| {
-        ChunkCache::load(&f.path(idx))
-            .unwrap()
-            .expect("a chunk cache")
-    };
-    let (a, r) = (load("idx"), load("full"));
-    assert_eq!(a.meta, r.meta);
-    for id in 0..r.meta.passages {
-        assert_eq!(a.chunk_range(id), r.chunk_range(id), "passage {id}");
-    }
+    assert_same_cache(&f, "idx", "full");
     for q in ["City_1 lies on River_1", "Alloy_6 is hard"] {
         assert_eq!(
             f.search("idx", q, "hybrid")["hits"],
