@@ -46,6 +46,27 @@ pub fn random_n(chunks: usize, n: usize, seed: u64) -> Vec<bool> {
     mask
 }
 
+/// Expand `n` of the chunks (at least one when `first` marks any): the chunks `first` marks,
+/// in order, up to `n`, then others chosen uniformly at random with `seed` until `n` are
+/// expanded. `sft --gold_expand` lays out its examples this way, with `first` the chunks that
+/// hold the gold answer, so that fine-tuning sees the expansions a good policy makes.
+pub fn first_then_random(first: &[bool], n: usize, seed: u64) -> Vec<bool> {
+    let chunks = first.len();
+    let marked: Vec<usize> = (0..chunks).filter(|&i| first[i]).collect();
+    let n = if marked.is_empty() { n } else { n.max(1) }.min(chunks);
+    let mut mask = vec![false; chunks];
+    for &i in marked.iter().take(n) {
+        mask[i] = true;
+    }
+    let rest: Vec<usize> = (0..chunks).filter(|&i| !mask[i]).collect();
+    let more = n - marked.len().min(n);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for j in sample(&mut rng, rest.len(), more) {
+        mask[rest[j]] = true;
+    }
+    mask
+}
+
 /// The selection rule actually used, from `--select`, `--heuristic` and whether a trained policy
 /// is available: an explicit `--select` wins, then `--heuristic`, then the policy when present,
 /// else the heuristic.
@@ -109,6 +130,44 @@ mod tests {
         assert_eq!(a.iter().filter(|&&x| x).count(), 5);
         assert_eq!(a, random_n(20, 5, 3));
         assert_ne!(a, random_n(20, 5, 4));
+    }
+
+    #[test]
+    fn first_then_random_takes_the_marked_chunks_first() {
+        let first = [false, true, false, false, true, false, false, false];
+        // Budget above the marked chunks: both marked, plus two others at random.
+        let m = first_then_random(&first, 4, 7);
+        assert_eq!(m.iter().filter(|&&x| x).count(), 4);
+        assert!(m[1] && m[4]);
+        assert_eq!(m, first_then_random(&first, 4, 7));
+        assert_ne!(
+            (0..20)
+                .map(|s| first_then_random(&first, 4, s))
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            1,
+            "the other chunks are drawn at random"
+        );
+        // Budget below them: the first marked chunk only.
+        let m = first_then_random(&first, 1, 7);
+        assert_eq!(m.iter().filter(|&&x| x).count(), 1);
+        assert!(m[1]);
+        // A zero budget still expands one marked chunk, and none when nothing is marked.
+        assert_eq!(
+            first_then_random(&first, 0, 7)
+                .iter()
+                .filter(|&&x| x)
+                .count(),
+            1
+        );
+        assert_eq!(first_then_random(&[false; 8], 0, 7), vec![false; 8]);
+        assert_eq!(
+            first_then_random(&[false; 8], 3, 7)
+                .iter()
+                .filter(|&&x| x)
+                .count(),
+            3
+        );
     }
 
     #[test]

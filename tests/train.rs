@@ -109,6 +109,7 @@ fn sft_task(f: &Fixture) -> SftTask {
         dec_lr_scale: 1.0,
         eval_batch: 2,
         expand_max: 1.0,
+        gold_expand: 0.0,
     }
 }
 

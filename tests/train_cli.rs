@@ -293,17 +293,35 @@ fn sft_then_train_policy_then_generate_selects_with_the_policy() {
     ok_json(&f.cpt("cpt_recon", "recon", &["--steps", "1"]));
     f.index();
     let recon = f.s("recon");
-    let o = f.qa("sft", "sft", &["--load_dir", &recon, "--eval_items", "1"]);
+    let o = f.qa(
+        "sft",
+        "sft",
+        &[
+            "--load_dir",
+            &recon,
+            "--eval_items",
+            "1",
+            "--gold_expand",
+            "0.5",
+        ],
+    );
     assert!(
         stderr(&o).contains("are held out; the rest have no gold answer"),
         "{}",
         stderr(&o)
     );
     let out = ok_json(&o);
-    assert!(
-        out["eval"]["end"]["answer_p0"]["answer_loglik"].is_number(),
-        "{out}"
-    );
+    for key in [
+        "answer_p0",
+        "answer_p0.25",
+        "answer_p1",
+        "answer_p0.25_gold",
+    ] {
+        assert!(
+            out["eval"]["end"][key]["answer_loglik"].is_number(),
+            "{key}: {out}"
+        );
+    }
     assert_run_files(&f.path("sft"), "sft", 2);
     assert_eq!(
         parts(&f.path("sft")),

@@ -28,7 +28,7 @@ fn number(s: &str, ok: impl Fn(f64) -> bool, range: &str) -> Result<f64, String>
     Ok(x)
 }
 
-/// A fraction in [0, 1] (`--p`, `--expand_frac`, `--expand_max`).
+/// A fraction in [0, 1] (`--p`, `--expand_frac`, `--expand_max`, `--gold_expand`).
 pub fn unit_interval(s: &str) -> Result<f64, String> {
     number(s, |x| (0.0..=1.0).contains(&x), "in [0, 1]")
 }

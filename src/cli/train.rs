@@ -197,6 +197,11 @@ pub struct SftArgs {
     /// spends the steps on the compressed inputs inference uses.
     #[arg(long = "expand_max", alias = "expand-max", default_value_t = 1.0, value_parser = unit_interval)]
     pub expand_max: f64,
+    /// Share of the training examples (in [0, 1]) whose expansions take the chunks holding the
+    /// gold answer first, as a policy that finds the answer would; the rest of each budget, and
+    /// the other examples, expand at random. At least one chunk is expanded in such an example.
+    #[arg(long = "gold_expand", alias = "gold-expand", default_value_t = 0.0, value_parser = unit_interval)]
+    pub gold_expand: f64,
     /// Learning rate of the decoder [default: --lr].
     #[arg(long = "dec_lr", alias = "dec-lr")]
     pub dec_lr: Option<f64>,

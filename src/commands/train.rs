@@ -403,6 +403,7 @@ pub fn run_sft(a: &SftArgs) -> Result<()> {
         dec_lr_scale: a.dec_lr.map_or(1.0, |d| d / lr),
         eval_batch: a.train.micro_batch,
         expand_max: a.expand_max,
+        gold_expand: a.gold_expand,
     };
     let cfg = loop_config(&a.train, &a.runtime, lr, q.out_dir, q.resume);
     finish(&mut task, &cfg)

@@ -2,7 +2,10 @@
 //! retrieved passages are compressed with a random expansion fraction drawn uniformly from
 //! [0, 1] per example, so the same weights serve every `--p`; the loss is on the answer tokens
 //! and the end-of-turn token only. Encoder, projector and (unless frozen) decoder train.
-//! Evaluation: answer log-likelihood and token accuracy on held-out pairs at p = 0, 0.25, 1.
+//! With `gold_expand` > 0, that share of the examples expands the chunks holding the gold answer
+//! first (the rest of the budget at random), as a policy that finds the answer would at inference.
+//! Evaluation: answer log-likelihood and token accuracy on held-out pairs at p = 0, 0.25, 1
+//! (random expansions), and at p = 0.25 with the gold answer's chunks expanded first.
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -13,11 +16,11 @@ use serde_json::{json, Value};
 use super::encoder::TrainEncoder;
 use super::optim::Group;
 use super::parts::{enc_dec_checkpoint, enc_dec_groups, Checkpoint, TrainDecoder};
-use super::qa::{answer_seq, qa_layout, QaData, QaLayoutArgs};
+use super::qa::{answer_chunks, answer_seq, qa_layout, QaData, QaLayoutArgs};
 use super::run::{Micro, Stats, Task};
 use super::seq::{forward_seqs, target_counts, weighted_mean, Seq, SeqOut};
 use crate::retrieve::Retrieve;
-use crate::select::{num_expand, random_n};
+use crate::select::{first_then_random, num_expand, random_n};
 
 /// A fine-tuning run.
 pub struct SftTask {
@@ -31,11 +34,14 @@ pub struct SftTask {
     pub eval_batch: usize,
     /// Expansion fractions are drawn uniform in `[0, expand_max]`.
     pub expand_max: f64,
+    /// Share of the examples whose expansions take the gold answer's chunks first.
+    pub gold_expand: f64,
 }
 
 impl SftTask {
-    /// The sequence of pair `i` with `expand` chunks expanded, chosen with `seed`.
-    fn seq(&mut self, i: usize, p: f64, seed: u64) -> Result<Seq> {
+    /// The sequence of pair `i` with a fraction `p` of its chunks expanded: chosen at random
+    /// with `seed`, the gold answer's chunks first when `gold`.
+    fn seq(&mut self, i: usize, p: f64, gold: bool, seed: u64) -> Result<Seq> {
         let passages = self
             .data
             .passages(i, self.retriever.as_ref(), &self.layout)?;
@@ -48,7 +54,12 @@ impl SftTask {
             self.layout.ctx_max,
         )?;
         let l = layout.chunks.len();
-        let mask = random_n(l, num_expand(p, l), seed);
+        let mask = if gold {
+            let hit = answer_chunks(&self.dec.tok, &layout, &pair.answers)?;
+            first_then_random(&hit, num_expand(p, l), seed)
+        } else {
+            random_n(l, num_expand(p, l), seed)
+        };
         answer_seq(&self.dec.tok, layout, mask, pair)
     }
 
@@ -79,8 +90,10 @@ impl Task for SftTask {
         let mut fracs = Vec::new();
         for &j in items {
             let p: f64 = rng.random::<f64>() * self.expand_max;
+            // No draw when off, so runs without --gold_expand keep their random stream.
+            let gold = self.gold_expand > 0.0 && rng.random::<f64>() < self.gold_expand;
             fracs.push(p);
-            seqs.push(self.seq(self.data.train[j], p, rng.random())?);
+            seqs.push(self.seq(self.data.train[j], p, gold, rng.random())?);
         }
         let out = self.forward(&seqs, true)?;
         let mut stats = Stats {
@@ -101,11 +114,16 @@ impl Task for SftTask {
 
     fn evaluate(&mut self) -> Result<Value> {
         let mut out = serde_json::Map::new();
-        for p in [0.0, 0.25, 1.0] {
+        for (name, p, gold) in [
+            ("answer_p0", 0.0, false),
+            ("answer_p0.25", 0.25, false),
+            ("answer_p1", 1.0, false),
+            ("answer_p0.25_gold", 0.25, true),
+        ] {
             let ids = self.data.eval.clone();
             let seqs = ids
                 .iter()
-                .map(|&i| self.seq(i, p, i as u64))
+                .map(|&i| self.seq(i, p, gold, i as u64))
                 .collect::<Result<Vec<_>>>()?;
             let (mut nll, mut tokens, mut correct) = (Vec::new(), 0, 0);
             for b in seqs.chunks(self.eval_batch.max(1)) {
@@ -115,7 +133,7 @@ impl Task for SftTask {
                 correct += o.correct;
             }
             out.insert(
-                format!("answer_p{p}"),
+                name.to_string(),
                 json!({
                     "answer_loglik": -weighted_mean(&nll, &target_counts(&seqs)),
                     "token_acc": correct as f64 / tokens.max(1) as f64,
