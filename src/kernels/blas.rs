@@ -14,9 +14,10 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use candle_nn::Linear;
 
 mod attention;
+mod decode_attention;
 mod softmax;
 
-pub use attention::causal_attention;
+pub use attention::{causal_attention, causal_attention_blocked, FEW_ROWS};
 pub use softmax::{log_sum_exp_rows, softmax_in_place};
 
 /// `x W^T (+ b)` for a linear layer whose weight is `(out, in)`; `x` is `(.., in)`.

@@ -4,6 +4,7 @@
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
+use super::decode_attention::{few_rows, Dims, KvHead};
 use super::{contiguous_f32, sgemm, softmax_in_place};
 
 /// Causal attention on the CPU in f32, without gradients: `q` `(b, h, t, hd)`, `k` and `v`
@@ -14,16 +15,33 @@ use super::{contiguous_f32, sgemm, softmax_in_place};
 /// Queries go in blocks of `BLOCK` rows, each against only its causal prefix of keys: two
 /// `sgemm`s per block and head around an in-place masked softmax, so the score buffer stays
 /// `BLOCK x L` and the masked triangle is never multiplied.
+///
+/// At most [`FEW_ROWS`] query rows (a decoding step) go to a split-key kernel instead, which
+/// spreads one row's keys over the threads and reads each key once for its query heads.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    let few_rows = true;
     q.contiguous()?
-        .apply_op3_no_bwd(k, v, &CausalAttention { scale })
+        .apply_op3_no_bwd(k, v, &CausalAttention { scale, few_rows })
+}
+
+/// [`causal_attention`] always through the blocked `sgemm`s, also for a few rows: the
+/// reference the split-key kernel is tested and timed against.
+pub fn causal_attention_blocked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    let few_rows = false;
+    q.contiguous()?
+        .apply_op3_no_bwd(k, v, &CausalAttention { scale, few_rows })
 }
 
 struct CausalAttention {
     scale: f32,
+    few_rows: bool,
 }
 
 const BLOCK: usize = 256;
+
+/// Inputs of at most this many query rows (decoding steps) take [`few_rows`], split over
+/// blocks of keys; longer ones (prefill) the blocked `sgemm`s.
+pub const FEW_ROWS: usize = 4;
 
 /// A `(rows, hd)` matrix inside a strided 4-D buffer: its first element and row stride.
 fn kv_rows(l: &Layout, b: usize, head: usize) -> Result<(usize, usize)> {
@@ -71,6 +89,26 @@ impl candle_core::CustomOp3 for CausalAttention {
         let q = contiguous_f32(sq, lq)?;
         let (kd, vd) = (f32_data(sk)?, f32_data(sv)?);
         let mut out = vec![0f32; b * t * h * hd];
+        if t <= FEW_ROWS && self.few_rows {
+            let mut kv = Vec::with_capacity(b * nkv);
+            for bi in 0..b {
+                for g in 0..nkv {
+                    let (k0, ldk) = kv_rows(lk, bi, g)?;
+                    let (v0, ldv) = kv_rows(lv, bi, g)?;
+                    kv.push(KvHead { k0, ldk, v0, ldv });
+                }
+            }
+            let d = Dims {
+                b,
+                h,
+                nkv,
+                t,
+                hd,
+                len,
+            };
+            few_rows(q, kd, vd, &kv, &d, self.scale, &mut out);
+            return Ok((CpuStorage::F32(out), Shape::from((b, t, h, hd))));
+        }
         let mut scores = vec![0f32; BLOCK.min(t) * len];
         for bi in 0..b {
             for head in 0..h {
@@ -136,6 +174,36 @@ mod tests {
     use super::*;
     use crate::kernels::blas::tests::close;
     use candle_core::Device;
+
+    #[test]
+    fn few_rows_match_the_blocked_sgemms() {
+        // Decoding steps (1 to FEW_ROWS rows) over caches shorter than, equal to and longer
+        // than one key block, two batch rows, grouped-query heads, a strided cache view.
+        let dev = Device::Cpu;
+        let (h, kv, hd) = (6, 2, 24);
+        for (t, past) in [(1, 0), (1, 255), (2, 256), (3, 700), (FEW_ROWS, 513)] {
+            let len = past + t;
+            let q = Tensor::randn(0f32, 1., (2, h, t, hd), &dev).unwrap();
+            let kbuf = Tensor::randn(0f32, 1., (2, kv, len + 9, hd), &dev).unwrap();
+            let vbuf = Tensor::randn(0f32, 1., (2, kv, len + 9, hd), &dev).unwrap();
+            let k = kbuf.narrow(2, 0, len).unwrap();
+            let v = vbuf.narrow(2, 0, len).unwrap();
+            let got = causal_attention(&q, &k, &v, 0.4).unwrap();
+            let want = causal_attention_blocked(&q, &k, &v, 0.4).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let d = close(&got, &want);
+            assert!(d < 1e-5, "t {t}, past {past}: {d}");
+        }
+        // More rows than FEW_ROWS take the blocked path: identical.
+        let q = Tensor::randn(0f32, 1., (1, h, FEW_ROWS + 1, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (1, kv, 40, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (1, kv, 40, hd), &dev).unwrap();
+        let (a, b) = (
+            causal_attention(&q, &k, &v, 0.4).unwrap(),
+            causal_attention_blocked(&q, &k, &v, 0.4).unwrap(),
+        );
+        assert_eq!(close(&a, &b), 0.0);
+    }
 
     #[test]
     fn causal_attention_matches_a_plain_reference() {

@@ -30,6 +30,7 @@ macro_rules! simd_dispatch {
         }
     };
 }
+pub(super) use simd_dispatch;
 
 simd_dispatch! {
     /// `x <- softmax(x)`, vectorised: the exponential is a polynomial the compiler turns into
@@ -70,7 +71,7 @@ fn lse_generic(x: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn max_of(x: &[f32]) -> f32 {
+pub(super) fn max_of(x: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
@@ -112,7 +113,7 @@ fn softmax_generic(x: &mut [f32]) {
 /// `|r| <= ln2 / 2`, `e^r` by a degree-6 polynomial, `2^n` built in the exponent bits.
 /// Branch-free so that loops over it vectorise; arguments below -87 give ~0.
 #[inline(always)]
-fn exp_poly(x: f32) -> f32 {
+pub(super) fn exp_poly(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
