@@ -207,9 +207,28 @@ impl candle_nn::var_builder::SimpleBackend for CpuLayout {
     }
 }
 
+/// The network behind a [`BertEmbedder`]: on the CPU in f32 the BLAS-backed BERT of
+/// [`crate::train::bert`] (fused LayerNorm, GELU and attention over the real tokens only); on
+/// other devices and dtypes candle-transformers' `BertModel`. The same maths and weights.
+enum Network {
+    Blas(crate::train::bert::TrainBert),
+    Candle(BertModel),
+}
+
+/// Whether BERT inference on the CPU in f32 runs the BLAS network, from `REFRAG_BERT`: `blas`
+/// (the default) or `candle` (candle-transformers' `BertModel`, the reference it is measured
+/// against by `examples/embed_bench.rs`).
+fn blas_network() -> Result<bool> {
+    match std::env::var("REFRAG_BERT").as_deref() {
+        Err(_) | Ok("blas") => Ok(true),
+        Ok("candle") => Ok(false),
+        Ok(other) => bail!("REFRAG_BERT={other}: expected blas or candle"),
+    }
+}
+
 /// A BERT-family sentence embedder: tokenizer + encoder + pooling (+ L2 normalisation).
 pub struct BertEmbedder {
-    model: BertModel,
+    model: Network,
     config: Config,
     tokenizer: Tokenizer,
     pooling: Pooling,
@@ -245,13 +264,23 @@ impl BertEmbedder {
         // SAFETY: the weights are memory-mapped read-only; the files must not change while mapped.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(weights) }
             .with_context(|| format!("reading weights of '{name}'"))?;
-        let vb = if device.is_cpu() {
-            VarBuilder::from_backend(Box::new(CpuLayout(st)), dtype, device.clone())
+        let context = || format!("loading '{name}' as a BERT model ({})", config.display());
+        let model = if device.is_cpu() && dtype == DType::F32 && blas_network()? {
+            let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone());
+            // Tensors named as in BertModel (`embeddings.*`), or under the model type
+            // (`bert.embeddings.*`), as BertModel::load also accepts.
+            let vb = match &cfg.model_type {
+                Some(t) if !vb.contains_tensor("embeddings.word_embeddings.weight") => vb.pp(t),
+                _ => vb,
+            };
+            Network::Blas(crate::train::bert::TrainBert::new(&cfg, vb).with_context(context)?)
+        } else if device.is_cpu() {
+            let vb = VarBuilder::from_backend(Box::new(CpuLayout(st)), dtype, device.clone());
+            Network::Candle(BertModel::load(vb, &cfg).with_context(context)?)
         } else {
-            VarBuilder::from_backend(Box::new(st), dtype, device.clone())
+            let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone());
+            Network::Candle(BertModel::load(vb, &cfg).with_context(context)?)
         };
-        let model = BertModel::load(vb, &cfg)
-            .with_context(|| format!("loading '{name}' as a BERT model ({})", config.display()))?;
         Ok(Self {
             model,
             config: cfg,
@@ -301,10 +330,6 @@ impl BertEmbedder {
         &self.tokenizer
     }
 
-    pub fn model(&self) -> &BertModel {
-        &self.model
-    }
-
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -330,8 +355,10 @@ impl BertEmbedder {
 
     /// Last-layer token states `(b, s, hidden)`.
     pub fn hidden_states(&self, batch: &TokenBatch) -> candle_core::Result<Tensor> {
-        self.model
-            .forward(&batch.ids, &batch.type_ids, Some(&batch.mask))
+        match &self.model {
+            Network::Blas(m) => m.forward(&batch.ids, &batch.type_ids, &batch.mask),
+            Network::Candle(m) => m.forward(&batch.ids, &batch.type_ids, Some(&batch.mask)),
+        }
     }
 
     /// Pooled (and normalised) embeddings `(b, dim)` in f32 of one token batch.

@@ -1,5 +1,6 @@
-//! Differentiable CPU kernels for the decoder's training path (f32): RMS norm, SwiGLU, rotary
-//! embedding (half-split layout) and causal attention, each one op forward and one op backward.
+//! Differentiable CPU kernels for the training path (f32): the decoder's RMS norm, SwiGLU,
+//! rotary embedding (half-split layout) and causal attention, BERT's LayerNorm and GELU, each
+//! one op forward and one op backward.
 //! The same maths in candle's plain tensor ops builds and frees a temporary per elementwise step
 //! (a dozen per layer forward, more backward), single-threaded: on a 2-core machine that was
 //! most of a training step. Here each op reads its inputs once, writes one output, runs its rows
@@ -14,8 +15,10 @@ use candle_core::{
 use rayon::prelude::*;
 
 mod attention;
+mod layer_norm;
 
 pub use attention::causal_attention;
+pub use layer_norm::layer_norm;
 
 /// Whether the fused ops serve `x` (CPU f32).
 pub fn usable(x: &Tensor) -> bool {

@@ -1,7 +1,10 @@
-//! A BERT encoder that back-propagates. candle-transformers' `BertModel` normalises with a fused
-//! layer-norm kernel that has no backward pass, so gradients would stop at the first LayerNorm;
-//! this is the same network (same parameter names, same maths, HF `modeling_bert.py`) in plain
-//! tensor ops. Inference keeps using `BertModel`: a saved variable map loads there unchanged.
+//! A BERT encoder that back-propagates, and the fast one inference runs on the CPU.
+//! candle-transformers' `BertModel` normalises with a fused layer-norm kernel that has no
+//! backward pass, so gradients would stop at the first LayerNorm; this is the same network (same
+//! parameter names, same maths, HF `modeling_bert.py`) with every linear layer through the
+//! system BLAS and the fused LayerNorm and GELU (CPU, f32). Without gradients (the retrieval
+//! embedder and the chunk encoder at inference, [`crate::embed::BertEmbedder`]) attention is
+//! one fused op over each sequence's real tokens ([`blas::padded_attention`]).
 
 use crate::kernels::{blas, fused};
 use candle_core::{DType, Module, Result, Tensor, D};
@@ -26,6 +29,9 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused::usable(x) {
+            return fused::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let x = x.broadcast_sub(&mean)?;
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -74,16 +80,24 @@ impl Layer {
             .contiguous()
     }
 
-    /// `x` `(b, s, h)`, `mask` additive `(b, 1, 1, s)`.
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `x` `(b, s, h)`, `mask` additive `(b, 1, 1, s)`; `lens` the real tokens of each sequence
+    /// when they come first (right padding), which lets inference skip the padding.
+    fn forward(&self, x: &Tensor, mask: &Tensor, lens: Option<&[usize]>) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let q = self.split(blas::linear(&self.query, x)?)?;
         let k = self.split(blas::linear(&self.key, x)?)?;
         let v = self.split(blas::linear(&self.value, x)?)?;
         let scale = 1.0 / ((h / self.heads) as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (b, heads, s, s)
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-        let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        let ctx = match lens {
+            Some(lens) if !q.track_op() && fused::usable(&q) => {
+                blas::padded_attention(&q, &k, &v, lens, scale as f32)?.reshape((b, s, h))?
+            }
+            _ => {
+                let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (b, heads, s, s)
+                let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+                att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?
+            }
+        };
         let x = self
             .attn_norm
             .forward(&(blas::linear(&self.attn_out, &ctx)? + x)?)?;
@@ -139,12 +153,28 @@ impl TrainBert {
         let mut x = self.norm.forward(&x)?;
         // Additive mask: 0 for tokens, f32::MIN for padding, as `BertModel` does.
         let m = mask.to_dtype(DType::F32)?;
-        let add = ((m.ones_like()? - m)? * f64::from(f32::MIN))?
+        let add = ((m.ones_like()? - &m)? * f64::from(f32::MIN))?
             .unsqueeze(1)?
             .unsqueeze(1)?;
+        let lens = if x.track_op() {
+            None
+        } else {
+            prefix_lengths(&mask.to_dtype(DType::U32)?.to_vec2::<u32>()?)
+        };
         for layer in &self.layers {
-            x = layer.forward(&x, &add)?;
+            x = layer.forward(&x, &add, lens.as_deref())?;
         }
         Ok(x)
     }
+}
+
+/// The number of real tokens of each mask row when every row is ones then zeros (right
+/// padding, as [`crate::embed::TokenBatch`] pads), else `None`.
+fn prefix_lengths(mask: &[Vec<u32>]) -> Option<Vec<usize>> {
+    mask.iter()
+        .map(|row| {
+            let len = row.iter().take_while(|&&v| v != 0).count();
+            row[len..].iter().all(|&v| v == 0).then_some(len)
+        })
+        .collect()
 }
