@@ -31,7 +31,7 @@ pub struct TrainArgs {
     /// Start afresh even if --out_dir already holds a checkpoint (it is overwritten).
     #[arg(long)]
     pub force: bool,
-    /// Warm-up steps of the learning rate [default: 5% of --steps, at least 1].
+    /// Warm-up steps of the learning rate (0: none) [default: 5% of --steps, at least 1].
     #[arg(long)]
     pub warmup: Option<usize>,
     /// Training examples (questions for train_policy) per optimiser step.
@@ -88,7 +88,7 @@ pub struct CptArgs {
     #[arg(long = "lora_rank", alias = "lora-rank")]
     pub lora_rank: Option<usize>,
     /// Learning rate of the decoder when it trains (cpt_next) [default: --lr / 5].
-    #[arg(long = "dec_lr", alias = "dec-lr")]
+    #[arg(long = "dec_lr", alias = "dec-lr", value_parser = positive_f64)]
     pub dec_lr: Option<f64>,
     /// Most chunks reconstructed together in cpt_recon (the default curriculum grows 1, 2, 4, ..
     /// up to this).
@@ -102,10 +102,10 @@ pub struct CptArgs {
     #[arg(long, value_parser = ["cls", "mean"])]
     pub pooling: Option<String>,
     /// Cap on the context tokens `s` of each item (cpt_next) [default: the item's split].
-    #[arg(long)]
+    #[arg(long, value_parser = positive_usize)]
     pub s: Option<usize>,
     /// Cap on the continuation tokens `o` of each item (cpt_next) [default: the item's split].
-    #[arg(long)]
+    #[arg(long, value_parser = positive_usize)]
     pub o: Option<usize>,
     #[command(flatten)]
     pub train: TrainArgs,
@@ -203,7 +203,7 @@ pub struct SftArgs {
     #[arg(long = "gold_expand", alias = "gold-expand", default_value_t = 0.0, value_parser = unit_interval)]
     pub gold_expand: f64,
     /// Learning rate of the decoder [default: --lr].
-    #[arg(long = "dec_lr", alias = "dec-lr")]
+    #[arg(long = "dec_lr", alias = "dec-lr", value_parser = positive_f64)]
     pub dec_lr: Option<f64>,
     #[command(flatten)]
     pub train: TrainArgs,
