@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Parser;
-use refrag::bench::{self, BenchRow};
+use refrag::evaluation::bench::{self, BenchRow};
 
 #[derive(Parser)]
 struct Args {
@@ -28,12 +28,12 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let mut rows: Vec<BenchRow> = Vec::new();
     for dir in &args.runs {
-        rows.extend(refrag::jsonio::read_json::<Vec<BenchRow>>(
+        rows.extend(refrag::io::jsonio::read_json::<Vec<BenchRow>>(
             &dir.join("bench.json"),
         )?);
     }
     rows.sort_by_key(|r| r.context_tokens);
-    refrag::jsonio::write_json(&args.out_dir.join("bench.json"), &rows)?;
+    refrag::io::jsonio::write_json(&args.out_dir.join("bench.json"), &rows)?;
     bench::plot_svg(&rows, &args.out_dir.join("ttft.svg"))?;
     print!("{}", bench::markdown(&rows));
     Ok(())

@@ -1,6 +1,6 @@
 //! Times the retrieval embedder's BERT forward on the CPU: candle-transformers' `BertModel`
 //! (as `REFRAG_BERT=candle` runs it, linear weights stored transposed) against
-//! [`refrag::embed::BertEmbedder`]'s default network (every linear layer through the system
+//! [`refrag::retrieval::embed::BertEmbedder`]'s default network (every linear layer through the system
 //! BLAS, fused LayerNorm, GELU and attention over the real tokens), on the same sorted token
 //! batches of `data/corpus_large.txt`, interleaved, and checks that the pooled embeddings agree.
 //!
@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::Device;
-use refrag::embed::{pool, BertEmbedder, Pooling, TokenBatch};
+use refrag::retrieval::embed::{pool, BertEmbedder, Pooling, TokenBatch};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();

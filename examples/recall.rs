@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Parser;
-use refrag::retrieve::RetrievalMode;
-use refrag::retrieve::Retriever;
+use refrag::retrieval::search::RetrievalMode;
+use refrag::retrieval::search::Retriever;
 use serde::Deserialize;
 
 #[derive(Parser)]
@@ -73,7 +73,7 @@ fn found(qa: &Qa, texts: &[&str]) -> bool {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let qas: Vec<Qa> = refrag::jsonio::read_jsonl(&args.rag_json)?;
+    let qas: Vec<Qa> = refrag::io::jsonio::read_jsonl(&args.rag_json)?;
     let retriever = Retriever::open(&args.index_dir, None, &candle_core::Device::Cpu)?;
     let questions: Vec<&str> = qas.iter().map(|q| q.question.as_str()).collect();
     let mut out = serde_json::json!({"n": qas.len(), "topk": args.topk});

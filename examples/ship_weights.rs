@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use refrag::checkpoint::{part_path, RefragConfig};
+use refrag::io::checkpoint::{part_path, RefragConfig};
 
 #[derive(Parser)]
 struct Args {
@@ -68,7 +68,7 @@ fn main() -> Result<()> {
             a.max_mb
         );
     }
-    refrag::jsonio::write_json(&a.to.join("config.json"), &cfg)?;
+    refrag::io::jsonio::write_json(&a.to.join("config.json"), &cfg)?;
     eprintln!(
         "ship_weights: {:.1} MB in all, config.json written",
         total as f64 / 1e6

@@ -8,7 +8,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 // Domain types the flags name live with the code that uses them.
 pub use crate::device::DeviceArg;
-pub use crate::retrieve::RetrievalMode;
+pub use crate::retrieval::search::RetrievalMode;
 pub use crate::select::SelectMode;
 
 mod range;

@@ -19,6 +19,7 @@ mod gguf;
 mod gguf_check;
 pub mod lora;
 mod model;
+pub mod sample;
 mod tokenizer;
 mod weights;
 

@@ -1,40 +1,30 @@
 //! refrag: REFRAG-style retrieval-augmented generation in one binary.
 //!
-//! The modules follow the pipeline: `corpus` (data in and out, the synthetic generator),
-//! `embed` (retrieval embeddings), `index` and `retrieve` (FAISS + BM25, fused), then the
-//! compression stages, and `commands` (one function per subcommand).
+//! The folders follow the pipeline (see `docs/architecture.md`): `retrieval` (the index,
+//! retrieval embeddings, dense / lexical / hybrid search), `compression` (the prompt layout cut
+//! into chunks, the chunk encoder, the projector, the chunk cache), `select` (which chunks to
+//! expand: heuristic, trained policy, random), `decoder` (the LLM), `pipeline` (the one home of
+//! the flow), `kernels` (BLAS / SIMD code), `train` (the four training stages), `evaluation`
+//! (metrics and the benchmark's tables), `synthetic` (the generated data set), `io` (file
+//! formats, weights directories, locks), and `commands` / `cli` on top.
 
-pub mod bench;
-pub mod checkpoint;
-pub mod chunk_cache;
 pub mod cli;
 pub mod commands;
-pub mod corpus;
+pub mod compression;
 pub mod decoder;
 pub mod device;
-pub mod embed;
-pub mod encoder;
-pub mod eval;
+pub mod evaluation;
 pub mod hub;
-pub mod index;
-pub mod jsonio;
+pub mod io;
 pub mod kernels;
 pub mod limits;
-pub mod lock;
 pub mod pipeline;
-pub mod policy;
 pub mod progress;
-pub mod projector;
-pub mod prompt;
-pub mod recover;
-pub mod retrieve;
-pub mod sample;
-pub mod schema;
+pub mod retrieval;
 pub mod select;
-pub mod squad;
+pub mod synthetic;
 pub mod testing;
 pub mod train;
-pub mod weights;
 
 /// Version plus the compiled cargo features, for `refrag --version`.
 pub const VERSION_LONG: &str = concat!(

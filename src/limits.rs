@@ -8,9 +8,9 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use crate::checkpoint::RefragConfig;
+use crate::compression::prompt::Template;
 use crate::decoder::{DecoderConfig, DecoderTokenizer};
-use crate::prompt::Template;
+use crate::io::checkpoint::RefragConfig;
 
 /// Fail when `question` is empty or only whitespace; `what` names it (`--question`).
 pub fn check_question(question: &str, what: &str) -> Result<()> {
@@ -29,7 +29,7 @@ pub fn decoder_window(dec: &str, load_dir: Option<&Path>) -> Result<(DecoderToke
     if let Some(dir) = load_dir {
         if RefragConfig::read(dir)?.has("decoder") {
             let path = dir.join("decoder_config.json");
-            let trained: DecoderConfig = crate::jsonio::read_json(&path)?;
+            let trained: DecoderConfig = crate::io::jsonio::read_json(&path)?;
             window = trained.max_position_embeddings;
         }
     }

@@ -10,15 +10,15 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 
-use crate::checkpoint::{self, RefragConfig};
-use crate::chunk_cache::ChunkCache;
+use crate::compression::chunk_cache::ChunkCache;
+use crate::compression::encoder::ChunkEncoder;
+use crate::compression::prompt::{cap_chunks, chunk_tokens, PromptLayout, Template};
+use crate::decoder::sample::Sampler;
 use crate::decoder::{Decoder, DecoderTokenizer, Logits};
-use crate::encoder::ChunkEncoder;
-use crate::policy::{Policy, PolicyConfig};
-use crate::prompt::{cap_chunks, chunk_tokens, PromptLayout, Template};
-use crate::sample::Sampler;
+use crate::io::checkpoint::{self, RefragConfig};
 use crate::select;
 pub use crate::select::heuristic::{chunk_scores, chunk_scores_batch};
+use crate::select::policy::{Policy, PolicyConfig};
 use crate::select::SelectMode;
 
 /// Seconds spent in each stage before the first token.
@@ -51,8 +51,8 @@ pub struct Passage {
     pub text: String,
 }
 
-impl From<&crate::retrieve::Hit> for Passage {
-    fn from(h: &crate::retrieve::Hit) -> Self {
+impl From<&crate::retrieval::search::Hit> for Passage {
+    fn from(h: &crate::retrieval::search::Hit) -> Self {
         Self {
             id: h.id,
             text: h.text.clone(),
@@ -131,7 +131,8 @@ impl Refrag {
     ) -> Result<Self> {
         let cfg = load_dir.map(RefragConfig::read).transpose()?;
         if let Some(c) = &cfg {
-            if crate::weights::model_key(&c.decoder_model) != crate::weights::model_key(dec) {
+            if crate::io::weights::model_key(&c.decoder_model) != crate::io::weights::model_key(dec)
+            {
                 bail!("--dec {dec} differs from the decoder the weights in --load_dir were trained with ({})", c.decoder_model);
             }
         }
@@ -342,10 +343,10 @@ impl Refrag {
     }
 
     /// The policy's per-chunk features of a prepared question
-    /// ([`crate::policy::position_features`]).
+    /// ([`crate::select::policy::position_features`]).
     pub fn policy_features(&self, prep: &Prepared) -> Result<Tensor> {
         let q = self.question_content_ids(&prep.question)?;
-        Ok(crate::policy::position_features(
+        Ok(crate::select::policy::position_features(
             &prep.layout,
             &q,
             &self.device,

@@ -3,6 +3,7 @@
 //! at random, or none / all for ablations.
 
 pub mod heuristic;
+pub mod policy;
 
 use clap::ValueEnum;
 use rand::seq::index::sample;

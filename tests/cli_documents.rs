@@ -9,7 +9,7 @@ use common::{refrag, stderr};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use refrag::index::documents::Splitter;
+use refrag::retrieval::index::documents::Splitter;
 use serde_json::Value;
 
 fn ok(o: Output) -> Output {
@@ -100,8 +100,8 @@ impl Fixture {
             .to_vec()
     }
 
-    fn chunk_cache(&self, idx: &str) -> refrag::chunk_cache::ChunkCache {
-        refrag::chunk_cache::ChunkCache::load(&self.path(idx))
+    fn chunk_cache(&self, idx: &str) -> refrag::compression::chunk_cache::ChunkCache {
+        refrag::compression::chunk_cache::ChunkCache::load(&self.path(idx))
             .unwrap()
             .expect("a chunk cache")
     }

@@ -268,7 +268,7 @@ fn blank_corpus_lines_are_skipped_and_counted_unless_strict() {
 #[test]
 fn a_second_writer_of_an_index_dir_is_refused() {
     let f = Fixture::new();
-    let held = refrag::lock::DirLock::acquire(&f.path("idx"), "--index_dir").unwrap();
+    let held = refrag::io::lock::DirLock::acquire(&f.path("idx"), "--index_dir").unwrap();
     let pid = format!("pid {}", std::process::id());
     for extra in [&[][..], &["--force"][..]] {
         let o = f.index("corpus.txt", "idx", extra);

@@ -210,7 +210,8 @@ impl IndexCase {
             return Err(String::from_utf8_lossy(&o.stderr).into_owned());
         }
         if !self.extra.is_empty() {
-            let cache = refrag::chunk_cache::ChunkCache::load(dir).map_err(|e| format!("{e:#}"))?;
+            let cache = refrag::compression::chunk_cache::ChunkCache::load(dir)
+                .map_err(|e| format!("{e:#}"))?;
             cache.ok_or_else(|| format!("{}: no chunk cache", dir.display()))?;
         }
         Ok(IndexState {

@@ -286,7 +286,7 @@ fn hf_config_tokenizer_and_weights_survive_damaged_files() {
 #[test]
 fn checkpoint_parts_and_config_survive_damaged_files() {
     use candle_nn::{Init, VarMap};
-    use refrag::checkpoint::{self, RefragConfig};
+    use refrag::io::checkpoint::{self, RefragConfig};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let vm = VarMap::new();
@@ -303,7 +303,7 @@ fn checkpoint_parts_and_config_survive_damaged_files() {
         encoder_pooling: "mean".into(),
         decoder_model: "dec".into(),
         k: 16,
-        projector: refrag::projector::ProjectorConfig {
+        projector: refrag::compression::projector::ProjectorConfig {
             in_dim: 4,
             hidden: 8,
             out_dim: 4,
@@ -313,7 +313,7 @@ fn checkpoint_parts_and_config_survive_damaged_files() {
         step: 3,
         lora: None,
     };
-    refrag::jsonio::write_json(&d.join("config.json"), &cfg).unwrap();
+    refrag::io::jsonio::write_json(&d.join("config.json"), &cfg).unwrap();
     let state = refrag::train::parts::TrainState {
         stage: "cpt_recon".into(),
         step: 3,
@@ -321,7 +321,7 @@ fn checkpoint_parts_and_config_survive_damaged_files() {
         seed: 1,
         optimizer_t: 3,
     };
-    refrag::jsonio::write_json(&d.join("train_state.json"), &state).unwrap();
+    refrag::io::jsonio::write_json(&d.join("train_state.json"), &state).unwrap();
     let names = ["projector.safetensors", "config.json", "train_state.json"];
     let valid = read_all(d, &names);
     let part = d.join("projector.safetensors");
@@ -337,7 +337,7 @@ fn checkpoint_parts_and_config_survive_damaged_files() {
 
 #[test]
 fn index_manifest_and_passages_survive_damaged_files() {
-    use refrag::index::{self, Bm25Manifest, Manifest};
+    use refrag::retrieval::index::{self, Bm25Manifest, Manifest};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let passages: Vec<String> = (0..4)
@@ -350,7 +350,7 @@ fn index_manifest_and_passages_survive_damaged_files() {
         embed_model_path: None,
         embed_model_fingerprint: "ab".repeat(32),
         dim: 32,
-        pooling: refrag::embed::Pooling::Mean,
+        pooling: refrag::retrieval::embed::Pooling::Mean,
         normalize: true,
         max_seq_len: 128,
         count: passages.len(),
@@ -401,7 +401,7 @@ fn index_manifest_and_passages_survive_damaged_files() {
 
 #[test]
 fn chunk_cache_survives_damaged_files() {
-    use refrag::chunk_cache::{ChunkCache, ChunkCacheMeta, CACHE_FILE, META_FILE};
+    use refrag::compression::chunk_cache::{ChunkCache, ChunkCacheMeta, CACHE_FILE, META_FILE};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let dev = Device::Cpu;
@@ -429,7 +429,7 @@ fn chunk_cache_survives_damaged_files() {
         chunks: 3,
         dim: 4,
     };
-    refrag::jsonio::write_json(&d.join(META_FILE), &meta).unwrap();
+    refrag::io::jsonio::write_json(&d.join(META_FILE), &meta).unwrap();
     let names = [CACHE_FILE, META_FILE];
     let valid = read_all(d, &names);
     let cache = ChunkCache::load(d).unwrap().expect("the valid cache loads");
@@ -462,9 +462,9 @@ fn jsonl_and_corpus_readers_survive_damaged_files() {
         .collect();
     proptest!(config(), |(m in mutation())| {
         write(&p, &apply(rows.as_bytes(), &[], &m));
-        let _ = refrag::jsonio::read_jsonl::<refrag::schema::QaPair>(&p);
-        let _ = refrag::jsonio::read_jsonl::<serde_json::Value>(&p);
-        let _ = refrag::jsonio::read_corpus_counted(&p, false);
-        let _ = refrag::jsonio::read_corpus_counted(&p, true);
+        let _ = refrag::io::jsonio::read_jsonl::<refrag::io::schema::QaPair>(&p);
+        let _ = refrag::io::jsonio::read_jsonl::<serde_json::Value>(&p);
+        let _ = refrag::io::jsonio::read_corpus_counted(&p, false);
+        let _ = refrag::io::jsonio::read_corpus_counted(&p, true);
     });
 }

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use candle_core::{DType, Device, Tensor};
-use refrag::chunk_cache::ChunkCache;
+use refrag::compression::chunk_cache::ChunkCache;
+use refrag::decoder::sample::Sampler;
 use refrag::decoder::Logits;
 use refrag::pipeline::{Decode, Passage, Prepared, Refrag, StageTimes};
-use refrag::sample::Sampler;
 use refrag::select::SelectMode;
 use serde_json::Value;
 
@@ -460,7 +460,7 @@ fn batched_chunk_scores_equal_one_by_one() {
     let r = load(f.dir.path());
     let chunked: Vec<Vec<Vec<u32>>> = PASSAGES
         .iter()
-        .map(|p| refrag::prompt::chunk_tokens(&r.dtok.encode(p, false).unwrap(), 5))
+        .map(|p| refrag::compression::prompt::chunk_tokens(&r.dtok.encode(p, false).unwrap(), 5))
         .collect();
     let batch = refrag::pipeline::chunk_scores_batch(&r.decoder, &r.dtok, &chunked).unwrap();
     for (chunks, got) in chunked.iter().zip(&batch) {

@@ -8,7 +8,7 @@ use common::refrag;
 
 use std::process::Output;
 
-use refrag::lock::DirLock;
+use refrag::io::lock::DirLock;
 
 fn error_line(o: &Output) -> String {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();

@@ -13,12 +13,12 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use rand_chacha::ChaCha8Rng;
-use refrag::embed::Pooling;
-use refrag::encoder::embedding_std;
-use refrag::policy::{Policy, PolicyConfig};
-use refrag::retrieve::RetrievalMode;
-use refrag::retrieve::{Hit, Retrieve};
-use refrag::schema::{CptItem, Split};
+use refrag::compression::encoder::embedding_std;
+use refrag::io::schema::{CptItem, Split};
+use refrag::retrieval::embed::Pooling;
+use refrag::retrieval::search::RetrievalMode;
+use refrag::retrieval::search::{Hit, Retrieve};
+use refrag::select::policy::{Policy, PolicyConfig};
 use refrag::train::cpt::{CptData, CptMode, CptSettings, CptTask};
 use refrag::train::encoder::{ProjectorInit, TrainEncoder};
 use refrag::train::optim::{AdamW, AdamWConfig};
@@ -170,7 +170,13 @@ fn toy_policy(seed: u64) -> ToyPolicy {
         policy,
         chunks: Tensor::randn(0f32, 1.0, (6, 16), &d).unwrap(),
         q: Tensor::randn(0f32, 1.0, 16, &d).unwrap(),
-        pos: Tensor::randn(0f32, 1.0, (6, refrag::policy::POSITION_FEATURES), &d).unwrap(),
+        pos: Tensor::randn(
+            0f32,
+            1.0,
+            (6, refrag::select::policy::POSITION_FEATURES),
+            &d,
+        )
+        .unwrap(),
     }
 }
 

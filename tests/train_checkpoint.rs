@@ -13,12 +13,12 @@ mod train_fixture;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{Device, Tensor, Var};
-use refrag::checkpoint::part_path;
+use refrag::compression::encoder::{embedding_std, ChunkEncoder};
 use refrag::decoder::{Decoder, Logits};
-use refrag::embed::{BertEmbedder, Pooling};
-use refrag::encoder::{embedding_std, ChunkEncoder};
 use refrag::hub;
+use refrag::io::checkpoint::part_path;
 use refrag::pipeline::{Passage, Refrag};
+use refrag::retrieval::embed::{BertEmbedder, Pooling};
 use refrag::train::cpt::{CptData, CptMode, CptSettings, CptTask};
 use refrag::train::encoder::{ProjectorInit, TrainEncoder};
 use refrag::train::optim::AdamWConfig;
@@ -202,7 +202,7 @@ fn run_cpt(f: &Fixture, mode: CptMode, load: Option<&str>, out: &str) -> std::pa
 fn saved_encoder_and_projector_give_inference_the_same_vectors() {
     let f = Fixture::new();
     let out = run_cpt(&f, CptMode::Recon, None, "recon");
-    let cfg = refrag::checkpoint::RefragConfig::read(&out).unwrap();
+    let cfg = refrag::io::checkpoint::RefragConfig::read(&out).unwrap();
     assert_eq!(cfg.parts, vec!["encoder", "projector"]);
     assert_eq!((cfg.stage.as_str(), cfg.step, cfg.k), ("cpt_recon", 3, 4));
     let dec = f.decoder(parts::DecoderTraining::Frozen);
@@ -234,7 +234,7 @@ fn trained_decoder_loads_into_the_pipeline_with_the_same_logits() {
     let f = Fixture::new();
     run_cpt(&f, CptMode::Recon, None, "recon");
     let out = run_cpt(&f, CptMode::Next, Some("recon"), "next");
-    let cfg = refrag::checkpoint::RefragConfig::read(&out).unwrap();
+    let cfg = refrag::io::checkpoint::RefragConfig::read(&out).unwrap();
     assert_eq!(cfg.parts, vec!["encoder", "projector", "decoder"]);
     let trained = parts::load_decoder(
         &f.s("dec"),

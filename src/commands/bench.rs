@@ -19,16 +19,17 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
-use crate::bench::{self, BenchRow};
-use crate::chunk_cache::ChunkCache;
 use crate::cli::{BenchArgs, CacheArg, SelectMode};
-use crate::eval::median;
+use crate::compression::chunk_cache::ChunkCache;
+use crate::compression::prompt::{PromptLayout, Template};
+use crate::decoder::sample::Sampler;
+use crate::evaluation::bench::{self, BenchRow};
+use crate::evaluation::metrics::median;
+use crate::io::jsonio;
+use crate::io::weights::decoder_arg;
 use crate::kernels::blas;
 use crate::pipeline::{Decode, Prepared, Refrag, StageTimes};
-use crate::prompt::{PromptLayout, Template};
-use crate::sample::Sampler;
-use crate::weights::decoder_arg;
-use crate::{device, jsonio, progress};
+use crate::{device, progress};
 
 /// One REFRAG configuration of a context length.
 #[derive(Debug, Clone, Copy)]
@@ -79,7 +80,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         ..a.clone()
     };
     let corpus = jsonio::read_corpus(&a.corpus, false)?;
-    let load_dir = crate::weights::resolve_load_dir(
+    let load_dir = crate::io::weights::resolve_load_dir(
         a.load_dir.as_deref(),
         a.no_weights,
         a.models.enc.as_deref(),

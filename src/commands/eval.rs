@@ -3,7 +3,7 @@
 //! policy), on the same decoder and the same retrieved passages. Retrieval and tokenization are
 //! done once per question and shared by the modes. Writes a JSON report (`--out`) and prints a
 //! markdown table: exact match, token F1, recall@topk, TTFT and TTIT, compression achieved.
-//! `--rag_json` may also be a SQuAD-format file ([`crate::squad`]); without `--index_dir` its
+//! `--rag_json` may also be a SQuAD-format file ([`crate::io::squad`]); without `--index_dir` its
 //! paragraphs are indexed into a temporary directory, removed at the end.
 
 use std::path::Path;
@@ -13,16 +13,17 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::checkpoint::RefragConfig;
-use crate::chunk_cache::ChunkCache;
 use crate::cli::{EvalArgs, EvalMode, SelectMode};
 use crate::commands::generate::{decoder_limits, open_pipeline};
-use crate::eval::{self, mean, median};
+use crate::compression::chunk_cache::ChunkCache;
+use crate::decoder::sample::Sampler;
+use crate::evaluation::metrics::{self, mean, median};
+use crate::io::checkpoint::RefragConfig;
+use crate::io::jsonio;
+use crate::io::schema::QaPair;
 use crate::pipeline::{Generated, Passage, Prepared, Refrag, StageTimes};
-use crate::retrieve::Retriever;
-use crate::sample::Sampler;
-use crate::schema::QaPair;
-use crate::{device, jsonio, limits, progress};
+use crate::retrieval::search::Retriever;
+use crate::{device, limits, progress};
 
 /// One mode's answer to one question.
 #[derive(Debug, Clone, Serialize)]
@@ -213,11 +214,11 @@ pub fn run(a: &EvalArgs) -> Result<()> {
 
 /// The questions of `--rag_json` (QA JSONL or SQuAD, up to `--limit`), and the SQuAD file when
 /// it is one; without `--index_dir` it must be one.
-fn read_questions(a: &EvalArgs) -> Result<(Vec<QaPair>, Option<crate::squad::Squad>)> {
-    let squad = crate::squad::read_if_squad(&a.rag_json)?;
+fn read_questions(a: &EvalArgs) -> Result<(Vec<QaPair>, Option<crate::io::squad::Squad>)> {
+    let squad = crate::io::squad::read_if_squad(&a.rag_json)?;
     let mut qas: Vec<QaPair> = match &squad {
         Some(s) => s.qas.clone(),
-        None => crate::schema::read_qa(&a.rag_json)?,
+        None => crate::io::schema::read_qa(&a.rag_json)?,
     };
     if a.retrieve.index_dir.is_none() && squad.is_none() {
         bail!(
@@ -231,13 +232,13 @@ fn read_questions(a: &EvalArgs) -> Result<(Vec<QaPair>, Option<crate::squad::Squ
 
 /// Index the paragraphs of a SQuAD file into `index/` of a temporary directory, with the
 /// retrieval model of `--embed_model` and default passage settings.
-fn squad_index(a: &EvalArgs, squad: &crate::squad::Squad) -> Result<tempfile::TempDir> {
+fn squad_index(a: &EvalArgs, squad: &crate::io::squad::Squad) -> Result<tempfile::TempDir> {
     let tmp = tempfile::Builder::new()
         .prefix("refrag-squad-")
         .tempdir()
         .context("creating a temporary directory for the SQuAD index")?;
     let corpus = tmp.path().join("paragraphs.jsonl");
-    crate::squad::write_corpus(&squad.paragraphs, &corpus)?;
+    crate::io::squad::write_corpus(&squad.paragraphs, &corpus)?;
     let args = crate::cli::IndexArgs {
         corpus,
         strict: false,
@@ -276,7 +277,7 @@ impl Evaluator<'_> {
             .retrieve(&qa.question, a.retrieve.topk, a.retrieve.retrieval)?;
         let retrieval = t.elapsed().as_secs_f64();
         let texts = hits.iter().map(|h| h.text.as_str());
-        let gold_retrieved = eval::gold_retrieved(texts, &qa.question, &qa.answers);
+        let gold_retrieved = metrics::gold_retrieved(texts, &qa.question, &qa.answers);
         let passages: Vec<Passage> = hits.iter().map(Passage::from).collect();
         let t = Instant::now();
         let prep = self
@@ -401,7 +402,7 @@ impl Evaluator<'_> {
 
 /// Context positions REFRAG spends at `p` on `layout`: one per compressed chunk plus `k` per
 /// expanded one (every chunk counted at its full `k`, so the baseline is never short-changed).
-pub fn refrag_budget(layout: &crate::prompt::PromptLayout, k: usize, p: f64) -> usize {
+pub fn refrag_budget(layout: &crate::compression::prompt::PromptLayout, k: usize, p: f64) -> usize {
     let l = layout.chunks.len();
     let e = crate::select::num_expand(p, l);
     (l - e) + e * k
@@ -416,8 +417,8 @@ fn mode_answer(
 ) -> ModeAnswer {
     ModeAnswer {
         mode,
-        em: eval::exact_match(&g.answer, &qa.answers),
-        f1: eval::best_f1(&g.answer, &qa.answers),
+        em: metrics::exact_match(&g.answer, &qa.answers),
+        f1: metrics::best_f1(&g.answer, &qa.answers),
         ttft: g.times.ttft(),
         ttit: (g.decode_forwards > 0).then_some(g.ttit),
         tokens: g.tokens.len(),

@@ -9,18 +9,18 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
-use crate::chunk_cache::ChunkCache;
 use crate::cli::{
     AnswerArgs, CompressArgs, EmbedModelArg, EncDecArgs, GenerateArgs, RetrievalMode, RetrieveArgs,
     RuntimeArgs, SelectMode,
 };
+use crate::compression::chunk_cache::ChunkCache;
+use crate::compression::prompt::PromptLayout;
+use crate::decoder::sample::Sampler;
 use crate::decoder::DecoderTokenizer;
-use crate::index::PassageSource;
+use crate::io::weights::decoder_arg;
 use crate::pipeline::{Passage, Refrag, StageTimes};
-use crate::prompt::PromptLayout;
-use crate::retrieve::{Hit, Retriever};
-use crate::sample::Sampler;
-use crate::weights::decoder_arg;
+use crate::retrieval::index::PassageSource;
+use crate::retrieval::search::{Hit, Retriever};
 use crate::{device, limits, select};
 use candle_core::Device;
 
@@ -29,7 +29,7 @@ use super::questions;
 /// `c` with `--load_dir` resolved: as given, else the shipped weights when they were trained
 /// for these models (unless `--no_weights`).
 pub fn with_weights(c: &CompressArgs, models: &EncDecArgs) -> Result<CompressArgs> {
-    let load_dir = crate::weights::resolve_load_dir(
+    let load_dir = crate::io::weights::resolve_load_dir(
         c.load_dir.as_deref(),
         c.no_weights,
         models.enc.as_deref(),

@@ -1,4 +1,4 @@
-//! `refrag index`: read a corpus of documents ([`crate::index::documents`]), embed its passages,
+//! `refrag index`: read a corpus of documents ([`crate::retrieval::index::documents`]), embed its passages,
 //! build the FAISS and BM25 indexes, write the index directory.
 //!
 //! Everything is checked before any work (the target directory, the corpus, the model, the FAISS
@@ -6,7 +6,7 @@
 //! staging directory beside `--index_dir` and renamed into place only when complete. Stages added
 //! later (the chunk cache) write into the same staging directory before the commit. One writer at
 //! a time: a second `index` into the same `--index_dir` is refused while the first runs
-//! ([`crate::lock`]).
+//! ([`crate::io::lock`]).
 
 use std::time::Instant;
 
@@ -14,19 +14,20 @@ use anyhow::{bail, Context, Result};
 use faiss::Index;
 
 use crate::cli::IndexArgs;
-use crate::embed::BertEmbedder;
+use crate::compression::chunk_cache;
 use crate::hub::{self, ModelFiles, Role};
-use crate::index::append::Origin;
-use crate::index::documents::{self, Document, Splitter};
-use crate::index::{
+use crate::progress;
+use crate::retrieval::embed::BertEmbedder;
+use crate::retrieval::index::append::Origin;
+use crate::retrieval::index::documents::{self, Document, Splitter};
+use crate::retrieval::index::{
     self, lexical, Bm25Manifest, Bm25Params, DocumentEntry, Manifest, SourcedPassage, Staging,
 };
-use crate::{chunk_cache, progress};
 
 pub fn run(args: &IndexArgs) -> Result<()> {
     let cache_k = chunk_cache_k(args);
     // Held until the staging directory is renamed into place (dropped at the end of `run`).
-    let _lock = crate::lock::DirLock::acquire(&args.index_dir, "--index_dir")?;
+    let _lock = crate::io::lock::DirLock::acquire(&args.index_dir, "--index_dir")?;
     if !args.corpus.exists() {
         bail!(
             "--corpus {}: no such file or directory",
@@ -99,7 +100,7 @@ fn append(args: &IndexArgs, cache_k: Option<usize>) -> Result<()> {
         bail!("--append: index dir {} records no documents (built by an older refrag); rebuild it without --append", dir.display());
     }
     let files = hub::resolve(&append_model(args, &old))?;
-    crate::retrieve::check_model(dir, &old, &files)?;
+    crate::retrieval::search::check_model(dir, &old, &files)?;
     let splitter = splitter(args, &files)?;
     let split = (Some(splitter.max_tokens), Some(splitter.overlap));
     if split != (old.passage_tokens, old.passage_overlap) {
@@ -253,7 +254,10 @@ fn splitter(args: &IndexArgs, files: &ModelFiles) -> Result<Splitter> {
             files.name()
         );
     };
-    let window = crate::embed::max_seq_len(files, &crate::embed::read_config(config)?)?;
+    let window = crate::retrieval::embed::max_seq_len(
+        files,
+        &crate::retrieval::embed::read_config(config)?,
+    )?;
     let max = args
         .passage_tokens
         .unwrap_or_else(|| window.saturating_sub(2).max(1));
@@ -272,7 +276,7 @@ fn build_cache(
         args.runtime.quiet,
         "chunk cache {bar:40} {pos}/{len} passages ({per_sec}, eta {eta})",
     );
-    let load_dir = crate::weights::resolve_load_dir(
+    let load_dir = crate::io::weights::resolve_load_dir(
         args.load_dir.as_deref(),
         args.no_weights,
         args.enc.as_deref(),

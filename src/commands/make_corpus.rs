@@ -7,9 +7,9 @@ use std::path::Path;
 use anyhow::{bail, Result};
 
 use crate::cli::MakeCorpusArgs;
-use crate::corpus::{self, DataSet};
-use crate::jsonio::{to_jsonl, write_atomic};
-use crate::schema::QaPair;
+use crate::io::jsonio::{to_jsonl, write_atomic};
+use crate::io::schema::QaPair;
+use crate::synthetic::{self, DataSet};
 
 /// The file `--mega N` adds.
 pub const MEGA_FILE: &str = "corpus_mega.txt";
@@ -23,17 +23,17 @@ struct OutFile {
 
 pub fn run(args: &MakeCorpusArgs) -> Result<()> {
     if let Some(n) = args.mega {
-        if n < corpus::LARGE_PASSAGES {
+        if n < synthetic::LARGE_PASSAGES {
             bail!(
                 "--mega {n}: the mega corpus extends corpus_large, so it needs at least {} passages",
-                corpus::LARGE_PASSAGES
+                synthetic::LARGE_PASSAGES
             );
         }
     }
-    let ds = corpus::generate(args.seed);
+    let ds = synthetic::generate(args.seed);
     let mut files = data_files(&ds)?;
     if let Some(n) = args.mega {
-        let mega = corpus::mega_corpus(args.seed, n);
+        let mega = synthetic::mega_corpus(args.seed, n);
         files.push(corpus_file(MEGA_FILE, &mega));
     }
     if !args.force {
@@ -70,7 +70,7 @@ fn refuse_existing(dir: &Path, files: &[OutFile]) -> Result<()> {
 fn corpus_file(name: &'static str, passages: &[String]) -> OutFile {
     OutFile {
         name,
-        bytes: corpus::corpus_text(passages).into_bytes(),
+        bytes: synthetic::corpus_text(passages).into_bytes(),
         what: format!("{} passages", passages.len()),
     }
 }
@@ -107,8 +107,8 @@ fn data_files(ds: &DataSet) -> Result<Vec<OutFile>> {
 fn within(qa: &[QaPair], n: usize) -> usize {
     qa.iter()
         .filter(|q| {
-            corpus::question_entity(&q.question)
-                .and_then(corpus::entity_passage_index)
+            synthetic::question_entity(&q.question)
+                .and_then(synthetic::entity_passage_index)
                 .is_some_and(|i| i < n)
         })
         .count()
@@ -155,14 +155,14 @@ fn readme_files(s: &mut String, ds: &DataSet) {
          `refrag make_corpus --mega N` also writes `corpus_mega.txt` with N passages (N ≥ {}; 10,000+\n\
          is typical), generated the same way: its first {} lines are `corpus_large.txt`. It is not\n\
          committed.\n\n",
-        corpus::SMALL_PASSAGES,
-        corpus::MEDIUM_PASSAGES,
-        corpus::LARGE_PASSAGES,
+        synthetic::SMALL_PASSAGES,
+        synthetic::MEDIUM_PASSAGES,
+        synthetic::LARGE_PASSAGES,
         ds.rag_train.len(),
         ds.rag_test.len(),
         ds.cpt.len(),
-        corpus::LARGE_PASSAGES,
-        corpus::LARGE_PASSAGES,
+        synthetic::LARGE_PASSAGES,
+        synthetic::LARGE_PASSAGES,
     );
 }
 
@@ -176,7 +176,7 @@ fn readme_passages(s: &mut String) {
          Each passage is about the entity named in its title, numbered per kind from 10000:\n\
          `City_10000`, `Alloy_10000`, `Person_10000`, `Event_10000`, then `City_10001`, …  The\n\
          passage about `<Kind>_<n>` is line 4·(n − 10000) + o + 1 with o = 0, 1, 2, 3 for city,\n\
-         alloy, person, event (`corpus::entity_passage_index` computes it). Five-digit names are\n\
+         alloy, person, event (`synthetic::entity_passage_index` computes it). Five-digit names are\n\
          used for passage subjects only; every other name (`River_033`, a city's notable\n\
          `Person_0092`, an event's `City_042`) has at most four digits and no passage of its own.\n\
          So an entity's name occurs in exactly one passage, the one about it, and no entity name\n\
@@ -205,10 +205,10 @@ fn readme_qa(s: &mut String, ds: &DataSet) {
          - {} train and {} test questions are about entities in `corpus_small.txt`, {} and {} in\n  \
            `corpus_medium.txt`; the rest need `corpus_large.txt` (or the mega corpus).\n\n\
          Example: `{}`\n\n",
-        within(train, corpus::SMALL_PASSAGES),
-        within(test, corpus::SMALL_PASSAGES),
-        within(train, corpus::MEDIUM_PASSAGES),
-        within(test, corpus::MEDIUM_PASSAGES),
+        within(train, synthetic::SMALL_PASSAGES),
+        within(test, synthetic::SMALL_PASSAGES),
+        within(train, synthetic::MEDIUM_PASSAGES),
+        within(test, synthetic::MEDIUM_PASSAGES),
         example(train),
     );
 }
@@ -231,9 +231,9 @@ fn readme_cpt(s: &mut String, ds: &DataSet) {
          tokenizers that split digits give more tokens).\n",
         lo.unwrap_or(&0),
         hi.unwrap_or(&0),
-        corpus::CPT_S,
-        corpus::CPT_O,
-        corpus::CPT_MIN_CHARS,
-        corpus::CPT_S + corpus::CPT_O,
+        synthetic::CPT_S,
+        synthetic::CPT_O,
+        synthetic::CPT_MIN_CHARS,
+        synthetic::CPT_S + synthetic::CPT_O,
     );
 }

@@ -49,7 +49,7 @@ pub fn read(path: &Path) -> Result<Vec<Question>> {
 
 /// [`read`] without the message: the questions and the number of blank lines skipped.
 pub fn read_counted(path: &Path) -> Result<(Vec<Question>, usize)> {
-    let text = crate::jsonio::read_utf8(path)?;
+    let text = crate::io::jsonio::read_utf8(path)?;
     let jsonl = is_jsonl(path);
     let mut out = Vec::new();
     let mut blank = 0;

@@ -11,8 +11,8 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::cli::{RetrievalMode, SearchArgs};
-use crate::index::PassageSource;
-use crate::retrieve::{Hit, Retriever};
+use crate::retrieval::index::PassageSource;
+use crate::retrieval::search::{Hit, Retriever};
 
 use super::questions;
 

@@ -13,13 +13,13 @@ use candle_core::Device;
 use candle_nn::VarMap;
 use serde_json::json;
 
-use crate::checkpoint::{self, RefragConfig};
 use crate::cli::{CptArgs, RuntimeArgs, SftArgs, TrainArgs, TrainPolicyArgs};
+use crate::compression::encoder::{embedding_std, parse_pooling, DEFAULT_POOLING};
 use crate::decoder::lora::LoraConfig;
-use crate::embed::Pooling;
-use crate::encoder::{embedding_std, parse_pooling, DEFAULT_POOLING};
 use crate::hub::{self, Role};
-use crate::policy::PolicyConfig;
+use crate::io::checkpoint::{self, RefragConfig};
+use crate::retrieval::embed::Pooling;
+use crate::select::policy::PolicyConfig;
 use crate::train::cpt::{CptData, CptMode, CptSettings, CptTask};
 use crate::train::encoder::{ProjectorInit, TrainEncoder};
 use crate::train::optim::AdamWConfig;
@@ -67,7 +67,7 @@ fn out_dir_and_resume(t: &TrainArgs, stage: &str) -> Result<(PathBuf, Option<Tra
         .out_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(stage));
-    crate::lock::hold_until_exit(&dir, "--out_dir")?;
+    crate::io::lock::hold_until_exit(&dir, "--out_dir")?;
     let state = parts::read_state(&dir)?;
     let has_ckpt = dir.join("config.json").is_file();
     match (t.resume, state) {
@@ -144,7 +144,7 @@ fn finish(task: &mut dyn Task, cfg: &LoopConfig) -> Result<()> {
         Outcome::Finished { step } => {
             let eval_path = cfg.out_dir.join("eval.json");
             let eval: serde_json::Value = if eval_path.is_file() {
-                crate::jsonio::read_json(&eval_path)?
+                crate::io::jsonio::read_json(&eval_path)?
             } else {
                 json!(null)
             };

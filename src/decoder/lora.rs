@@ -110,7 +110,7 @@ pub(crate) fn lora_var(
                     .wrapping_add(u64::from(byte));
             }
             let mut rng = ChaCha8Rng::seed_from_u64(h);
-            crate::projector::uniform(&mut rng, shape, b, device)?
+            crate::compression::projector::uniform(&mut rng, shape, b, device)?
         }
         None => Tensor::zeros(shape, DType::F32, device)?,
     };

@@ -42,7 +42,7 @@ pub fn load_trained(
     device: &Device,
     dtype: DType,
 ) -> Result<(Decoder, DecoderTokenizer)> {
-    let cfg: DecoderConfig = crate::jsonio::read_json(config_path)?;
+    let cfg: DecoderConfig = crate::io::jsonio::read_json(config_path)?;
     cfg.validate()
         .with_context(|| format!("in {}", config_path.display()))?;
     let tensors = candle_core::safetensors::load(weights, device)

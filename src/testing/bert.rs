@@ -133,7 +133,7 @@ pub fn write_tiny_bert(dir: &Path, seed: u64, pooling: Option<&str>) -> Result<(
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let vocab = vocab();
     let config = config_json(vocab.len());
-    crate::jsonio::write_json(&dir.join("config.json"), &config)?;
+    crate::io::jsonio::write_json(&dir.join("config.json"), &config)?;
     let cfg: candle_transformers::models::bert::Config = serde_json::from_value(config)?;
     random_weights(&cfg, seed)?.save(dir.join("model.safetensors"))?;
     let vocab_txt = dir.join("vocab.txt");
@@ -155,7 +155,7 @@ pub fn write_tiny_bert(dir: &Path, seed: u64, pooling: Option<&str>) -> Result<(
             "pooling_mode_max_tokens": false,
             "pooling_mode_mean_sqrt_len_tokens": false,
         });
-        crate::jsonio::write_json(&dir.join("1_Pooling/config.json"), &pool)?;
+        crate::io::jsonio::write_json(&dir.join("1_Pooling/config.json"), &pool)?;
     }
     Ok(())
 }

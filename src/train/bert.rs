@@ -3,7 +3,7 @@
 //! backward pass, so gradients would stop at the first LayerNorm; this is the same network (same
 //! parameter names, same maths, HF `modeling_bert.py`) with every linear layer through the
 //! system BLAS and the fused LayerNorm and GELU (CPU, f32). Without gradients (the retrieval
-//! embedder and the chunk encoder at inference, [`crate::embed::BertEmbedder`]) attention is
+//! embedder and the chunk encoder at inference, [`crate::retrieval::embed::BertEmbedder`]) attention is
 //! one fused op over each sequence's real tokens ([`blas::padded_attention`]).
 
 use crate::kernels::{blas, fused};
@@ -169,7 +169,7 @@ impl TrainBert {
 }
 
 /// The number of real tokens of each mask row when every row is ones then zeros (right
-/// padding, as [`crate::embed::TokenBatch`] pads), else `None`.
+/// padding, as [`crate::retrieval::embed::TokenBatch`] pads), else `None`.
 fn prefix_lengths(mask: &[Vec<u32>]) -> Option<Vec<usize>> {
     mask.iter()
         .map(|row| {

@@ -25,7 +25,7 @@ use super::run::{Micro, Stats, Task};
 use super::schedule::Curriculum;
 use super::seq::{forward_seqs, perplexity, target_counts, weighted_mean, Seq, SeqOut};
 use crate::decoder::DecoderTokenizer;
-use crate::schema::{CptItem, Split};
+use crate::io::schema::{CptItem, Split};
 use crate::select::{num_expand, random_n};
 
 /// Reconstruction windows evaluated per held-out item.
@@ -159,7 +159,7 @@ fn read_items(
     o_cap: Option<usize>,
 ) -> Result<Vec<(Vec<u32>, Split)>> {
     if is_jsonl(path) {
-        let items: Vec<CptItem> = crate::jsonio::read_jsonl(path)?;
+        let items: Vec<CptItem> = crate::io::jsonio::read_jsonl(path)?;
         items
             .iter()
             .map(|it| Ok((dtok.encode(&it.tokens, false)?, it.split)))
@@ -176,7 +176,7 @@ fn text_items(
     s_cap: Option<usize>,
     o_cap: Option<usize>,
 ) -> Result<Vec<(Vec<u32>, Split)>> {
-    let text = crate::jsonio::read_utf8(path)?;
+    let text = crate::io::jsonio::read_utf8(path)?;
     let mut items = Vec::new();
     for line in text.lines() {
         let line = line.trim();

@@ -15,9 +15,9 @@ use tokenizers::{Encoding, Tokenizer};
 
 use super::bert::TrainBert;
 use super::vars::{build_trainable, read_tensors};
-use crate::embed::{self, Pooling, TokenBatch};
+use crate::compression::projector::{Projector, ProjectorConfig};
 use crate::hub::{self, ModelFiles};
-use crate::projector::{Projector, ProjectorConfig};
+use crate::retrieval::embed::{self, Pooling, TokenBatch};
 
 /// Where the projector's weights come from.
 #[derive(Debug, Clone)]
@@ -198,7 +198,7 @@ fn load_projector(
         }
         ProjectorInit::File(path) => {
             Projector::init_vars(&vars, "", cfg, 1.0, 0, device)?;
-            crate::checkpoint::load_varmap_strict(&vars, path, device)?;
+            crate::io::checkpoint::load_varmap_strict(&vars, path, device)?;
         }
     }
     let projector = Projector::new(cfg, VarBuilder::from_varmap(&vars, DType::F32, device))?;

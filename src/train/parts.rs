@@ -15,10 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::AdamW;
 use super::vars::{build_trainable, read_tensors};
-use crate::checkpoint::{self, RefragConfig};
 use crate::decoder::lora::LoraConfig;
 use crate::decoder::{self, Decoder, DecoderConfig, DecoderTokenizer};
 use crate::hub;
+use crate::io::checkpoint::{self, RefragConfig};
 
 /// File name of a trained decoder's hyper-parameters.
 pub const DECODER_CONFIG: &str = "decoder_config.json";
@@ -91,7 +91,7 @@ pub fn load_decoder(
         }
         (Some(dir), true) => {
             let cfg_path = dir.join(DECODER_CONFIG);
-            let cfg: DecoderConfig = crate::jsonio::read_json(&cfg_path)?;
+            let cfg: DecoderConfig = crate::io::jsonio::read_json(&cfg_path)?;
             let path = checkpoint::part_path(dir, "decoder");
             let tensors = read_tensors(&path, device)?;
             let (d, vm) =
@@ -171,7 +171,7 @@ pub fn read_state(dir: &Path) -> Result<Option<TrainState>> {
     if !p.is_file() {
         return Ok(None);
     }
-    Ok(Some(crate::jsonio::read_json(&p)?))
+    Ok(Some(crate::io::jsonio::read_json(&p)?))
 }
 
 /// The parts of a checkpoint.
@@ -221,12 +221,12 @@ fn write_checkpoint_files(
         }
     }
     if let Some(c) = &ck.decoder_config {
-        crate::jsonio::write_json(&dir.join(DECODER_CONFIG), c)?;
+        crate::io::jsonio::write_json(&dir.join(DECODER_CONFIG), c)?;
     }
     opt.save(&dir.join(OPTIMIZER_FILE))?;
     readable(&dir.join(OPTIMIZER_FILE))?;
-    crate::jsonio::write_json(&dir.join(STATE_FILE), state)?;
-    crate::jsonio::write_json(&dir.join("config.json"), &ck.config)?;
+    crate::io::jsonio::write_json(&dir.join(STATE_FILE), state)?;
+    crate::io::jsonio::write_json(&dir.join("config.json"), &ck.config)?;
     Ok(())
 }
 
@@ -267,10 +267,10 @@ fn readable(path: &Path) -> Result<()> {
 pub struct ConfigFields<'a> {
     pub stage: &'a str,
     pub encoder_model: &'a str,
-    pub pooling: crate::embed::Pooling,
+    pub pooling: crate::retrieval::embed::Pooling,
     pub decoder_model: &'a str,
     pub k: usize,
-    pub projector: crate::projector::ProjectorConfig,
+    pub projector: crate::compression::projector::ProjectorConfig,
     pub policy_hidden: Option<usize>,
     pub parts: Vec<&'a str>,
     pub step: usize,

@@ -29,11 +29,11 @@ use super::qa::{answer_chunks, answer_seq, qa_layout, QaData, QaLayoutArgs};
 use super::run::{Micro, Stats, Task};
 use super::seq::{forward_with_tables, weighted_mean, Seq};
 use super::vars::named_vars;
+use crate::compression::projector::uniform;
+use crate::compression::prompt::PromptLayout;
 use crate::pipeline::{Prepared, Refrag};
-use crate::policy::{log_sum_exp, Policy, PolicyConfig};
-use crate::projector::uniform;
-use crate::prompt::PromptLayout;
-use crate::retrieve::Retrieve;
+use crate::retrieval::search::Retrieve;
+use crate::select::policy::{log_sum_exp, Policy, PolicyConfig};
 use crate::select::{num_expand, random_n, top_n};
 
 /// Seeded initial policy weights (Kaiming-uniform first layer, small output layer) in `varmap`.
@@ -45,7 +45,7 @@ pub fn init_policy_vars(
 ) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut data = varmap.data().lock().unwrap();
-    let inputs = 3 * cfg.d + crate::policy::POSITION_FEATURES;
+    let inputs = 3 * cfg.d + crate::select::policy::POSITION_FEATURES;
     let b1 = (3.0 / inputs as f64).sqrt();
     let b2 = 0.1 * (3.0 / cfg.hidden as f64).sqrt();
     let tensors = [
@@ -161,7 +161,7 @@ struct Question {
     layout: PromptLayout,
     embeds: Tensor,
     question: Tensor,
-    /// [`crate::policy::position_features`] of the layout.
+    /// [`crate::select::policy::position_features`] of the layout.
     positions: Tensor,
 }
 
@@ -359,7 +359,7 @@ impl Task for PolicyTask {
         let mut parts = vec!["projector", "policy"];
         let mut copies = Vec::new();
         if let Some(dir) = &self.load_dir {
-            let cfg = crate::checkpoint::RefragConfig::read(dir)?;
+            let cfg = crate::io::checkpoint::RefragConfig::read(dir)?;
             for part in ["encoder", "decoder", "decoder_lora"] {
                 if cfg.has(part) {
                     copies.push((part, dir.clone()));
@@ -380,7 +380,7 @@ impl Task for PolicyTask {
             lora: self
                 .load_dir
                 .as_deref()
-                .map(crate::checkpoint::RefragConfig::read)
+                .map(crate::io::checkpoint::RefragConfig::read)
                 .transpose()?
                 .and_then(|c| c.lora),
         }

@@ -10,11 +10,11 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use super::seq::Seq;
+use crate::compression::prompt::{chunk_tokens, PromptLayout};
 use crate::decoder::DecoderTokenizer;
-use crate::prompt::{chunk_tokens, PromptLayout};
-use crate::retrieve::RetrievalMode;
-use crate::retrieve::Retrieve;
-use crate::schema::QaPair;
+use crate::io::schema::QaPair;
+use crate::retrieval::search::RetrievalMode;
+use crate::retrieval::search::Retrieve;
 
 /// How passages are retrieved and laid out.
 #[derive(Debug, Clone, Copy)]
@@ -36,7 +36,7 @@ pub struct QaData {
 impl QaData {
     /// Read `--rag_json` and hold out its last `eval_items` pairs.
     pub fn load(path: &Path, eval_items: usize) -> Result<Self> {
-        let pairs: Vec<QaPair> = crate::schema::read_qa(path)?;
+        let pairs: Vec<QaPair> = crate::io::schema::read_qa(path)?;
         if let Some(p) = pairs.iter().find(|p| p.answers.is_empty()) {
             bail!(
                 "--rag_json {}: pair '{}' has no answer",

@@ -290,7 +290,7 @@ fn read_evals(dir: &Path, resume: bool) -> Result<BTreeMap<String, Value>> {
     if !resume || !p.is_file() {
         return Ok(BTreeMap::new());
     }
-    let v: Value = crate::jsonio::read_json(&p)?;
+    let v: Value = crate::io::jsonio::read_json(&p)?;
     Ok(v.as_object()
         .map(|m| {
             m.iter()
@@ -307,7 +307,7 @@ fn write_evals(dir: &Path, stage: &str, evals: &BTreeMap<String, Value>) -> Resu
     for (k, v) in evals {
         m.insert(k.clone(), v.clone());
     }
-    crate::jsonio::write_json(&dir.join("eval.json"), &Value::Object(m))
+    crate::io::jsonio::write_json(&dir.join("eval.json"), &Value::Object(m))
 }
 
 /// `train_log.jsonl`, appended to.

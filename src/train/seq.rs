@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
+use crate::compression::prompt::{chunk_tokens, PromptLayout, Segment, Template};
 use crate::decoder::{Decoder, DecoderTokenizer, Logits};
-use crate::prompt::{chunk_tokens, PromptLayout, Segment, Template};
 
 /// One teacher-forced sequence.
 #[derive(Debug, Clone)]

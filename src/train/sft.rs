@@ -19,7 +19,7 @@ use super::parts::{enc_dec_checkpoint, enc_dec_groups, Checkpoint, TrainDecoder}
 use super::qa::{answer_chunks, answer_seq, qa_layout, QaData, QaLayoutArgs};
 use super::run::{Micro, Stats, Task};
 use super::seq::{forward_seqs, target_counts, weighted_mean, Seq, SeqOut};
-use crate::retrieve::Retrieve;
+use crate::retrieval::search::Retrieve;
 use crate::select::{first_then_random, num_expand, random_n};
 
 /// A fine-tuning run.

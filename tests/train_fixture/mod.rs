@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use refrag::schema::{CptItem, QaPair, Split};
+use refrag::io::schema::{CptItem, QaPair, Split};
 
 pub struct Fixture {
     pub dir: tempfile::TempDir,

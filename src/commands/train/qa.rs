@@ -7,9 +7,10 @@ use candle_core::Device;
 
 use super::{out_dir_and_resume, Sources};
 use crate::cli::{AnswerableArg, EmbedModelArg, EncDecArgs, RetrieveArgs, RuntimeArgs, TrainArgs};
+use crate::device;
+use crate::retrieval::search::Retriever;
 use crate::train::parts::TrainState;
 use crate::train::qa::{QaData, QaLayoutArgs};
-use crate::{device, retrieve::Retriever};
 
 /// The flags `sft` and `train_policy` share.
 pub(super) struct QaFlags<'a> {

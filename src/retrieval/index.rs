@@ -21,7 +21,7 @@
 //! place at the end, so an interrupted or failed run never leaves a half-built index, and with
 //! `--force` the old index stays until the new one is complete (on Linux the two are swapped in
 //! one atomic step; what a killed build leaves beside the index is cleaned by the next writer,
-//! [`crate::recover`]).
+//! [`crate::io::recover`]).
 
 pub mod append;
 pub mod documents;
@@ -39,8 +39,8 @@ use faiss::{Index, MetricType};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::embed::Pooling;
 use crate::hub::ModelFiles;
+use crate::retrieval::embed::Pooling;
 pub use documents::{PassageSource, SourcedPassage};
 pub use lexical::{Bm25Index, Bm25Params};
 pub use staging::{check_target, Staging};
@@ -160,7 +160,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             dir.display()
         );
     }
-    let m: Manifest = crate::jsonio::read_json(&path)?;
+    let m: Manifest = crate::io::jsonio::read_json(&path)?;
     if m.format > FORMAT {
         bail!(
             "{}: index format {} is newer than this refrag reads ({FORMAT}); rebuild the index or update refrag",
@@ -369,7 +369,7 @@ pub fn write_passages(path: &Path, passages: &[SourcedPassage]) -> Result<()> {
             span: Some(p.source.span),
         })
         .collect();
-    write_file(path, crate::jsonio::to_jsonl(&rows)?.as_bytes())
+    write_file(path, crate::io::jsonio::to_jsonl(&rows)?.as_bytes())
 }
 
 /// Write the embeddings (`n * dim` row-major) beside the index.
@@ -428,7 +428,7 @@ pub fn read_passages(dir: &Path, m: &Manifest) -> Result<Vec<String>> {
 /// [`read_passages`] with the sources.
 pub fn read_passage_records(dir: &Path, m: &Manifest) -> Result<Vec<PassageRecord>> {
     let path = dir.join(PASSAGES);
-    let rows: Vec<PassageRecord> = crate::jsonio::read_jsonl(&path)?;
+    let rows: Vec<PassageRecord> = crate::io::jsonio::read_jsonl(&path)?;
     if rows.len() != m.count || rows.iter().enumerate().any(|(i, r)| r.id != i) {
         bail!(
             "{}: expected passages with ids 0..{} as {MANIFEST} says; rebuild the index",

@@ -205,7 +205,7 @@ fn read_text(
     splitter: &Splitter,
     strict: bool,
 ) -> Result<Document> {
-    let text = crate::jsonio::read_utf8(path)?;
+    let text = crate::io::jsonio::read_utf8(path)?;
     let sha256 = sha256_hex(text.as_bytes());
     let line_corpus = kind == Kind::Txt && !is_document(&text, splitter)?;
     let ranges = if line_corpus {
@@ -253,7 +253,7 @@ fn is_document(text: &str, splitter: &Splitter) -> Result<bool> {
     Ok(false)
 }
 
-/// The seed's format: every non-blank line a passage, as [`crate::jsonio::read_corpus`] reads.
+/// The seed's format: every non-blank line a passage, as [`crate::io::jsonio::read_corpus`] reads.
 fn line_passages(path: &Path, text: &str, strict: bool) -> Result<Vec<(usize, usize)>> {
     let mut out = Vec::new();
     let mut blank = 0;
@@ -283,7 +283,7 @@ fn line_passages(path: &Path, text: &str, strict: bool) -> Result<Vec<(usize, us
 
 /// A `.jsonl` file: one document per record.
 fn read_jsonl(path: &Path, name: &str, splitter: &Splitter) -> Result<Vec<Document>> {
-    let text = crate::jsonio::read_utf8(path)?;
+    let text = crate::io::jsonio::read_utf8(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

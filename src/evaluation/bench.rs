@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::compression::prompt::chunk_tokens;
 use crate::decoder::DecoderConfig;
-use crate::prompt::chunk_tokens;
 
 /// The first passages of `passages` (decoder tokens each), the last one cut short, so that they
 /// hold exactly `n` tokens; each passage is then cut into chunks of `k`. `None` when the

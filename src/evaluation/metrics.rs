@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use crate::corpus;
+use crate::synthetic;
 
 /// SQuAD's normalisation: lower-case, drop ASCII punctuation, drop the articles `a`, `an`,
 /// `the`, and collapse white space. Returns the remaining words.
@@ -81,8 +81,8 @@ pub fn answers_question(passage: &str, question: &str, answers: &[String]) -> bo
     let has_answer = answers
         .iter()
         .any(|a| !a.is_empty() && passage.contains(a.as_str()));
-    match corpus::question_entity(question) {
-        Some(entity) => has_answer && corpus::names_in(passage).contains(&entity),
+    match synthetic::question_entity(question) {
+        Some(entity) => has_answer && synthetic::names_in(passage).contains(&entity),
         None => has_answer,
     }
 }

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::checkpoint::RefragConfig;
 use crate::hub::{self, Role};
+use crate::io::checkpoint::RefragConfig;
 
 /// Environment variable naming a weights directory to use by default instead of `weights/`
 /// (`none` disables the default).

@@ -139,7 +139,7 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::PassageSource;
+    use crate::retrieval::index::PassageSource;
 
     fn doc(name: &str, sha: &str, texts: &[&str]) -> Document {
         Document {

@@ -11,10 +11,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::compression::encoder::ChunkEncoder;
+use crate::compression::prompt::chunk_tokens;
 use crate::decoder::{Decoder, DecoderTokenizer};
-use crate::encoder::ChunkEncoder;
 use crate::pipeline;
-use crate::prompt::chunk_tokens;
 
 /// File names inside the index directory.
 pub const CACHE_FILE: &str = "chunks.safetensors";
@@ -169,7 +169,7 @@ impl ChunkCache {
         let path = dir.join(CACHE_FILE);
         candle_core::safetensors::save(&t, &path)
             .with_context(|| format!("writing {}", path.display()))?;
-        crate::jsonio::write_json(&dir.join(META_FILE), &self.meta)
+        crate::io::jsonio::write_json(&dir.join(META_FILE), &self.meta)
     }
 
     /// Read the cache of an index directory; `None` when it has none.
@@ -178,7 +178,7 @@ impl ChunkCache {
         if !meta_path.is_file() {
             return Ok(None);
         }
-        let meta: ChunkCacheMeta = crate::jsonio::read_json(&meta_path)?;
+        let meta: ChunkCacheMeta = crate::io::jsonio::read_json(&meta_path)?;
         let path = dir.join(CACHE_FILE);
         let t = candle_core::safetensors::load(&path, &Device::Cpu)
             .with_context(|| format!("reading {}", path.display()))?;
@@ -317,7 +317,7 @@ pub fn build_for_index(
     device: &Device,
     progress: impl FnMut(usize),
 ) -> Result<ChunkCache> {
-    let dec = crate::weights::decoder_arg(dec, load_dir)?;
+    let dec = crate::io::weights::decoder_arg(dec, load_dir)?;
     let refrag = crate::pipeline::Refrag::load(enc, &dec, load_dir, 0, device)?;
     ChunkCache::build(
         passages,

@@ -10,12 +10,12 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{self, RefragConfig};
+use crate::compression::projector::{Projector, ProjectorConfig};
 use crate::decoder::Decoder;
-use crate::embed::{BertEmbedder, Pooling};
 use crate::hub::{self, ModelFiles};
-use crate::projector::{Projector, ProjectorConfig};
-use crate::weights::{model_key, recorded_or_default};
+use crate::io::checkpoint::{self, RefragConfig};
+use crate::io::weights::{model_key, recorded_or_default};
+use crate::retrieval::embed::{BertEmbedder, Pooling};
 
 /// Pooling of the chunk encoder when nothing says otherwise. all-MiniLM-L6-v2 was trained for
 /// mean pooling, so an untrained projector sees more of the chunk's content through it than

@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::schema::QaPair;
+use crate::io::schema::QaPair;
 
 /// A SQuAD file's questions and paragraphs.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +66,7 @@ struct Answer {
 /// Read `path` as SQuAD when its content is one JSON object with `data`; `None` otherwise (then
 /// it is a QA JSONL file). A SQuAD file of the wrong shape is an error naming the file.
 pub fn read_if_squad(path: &Path) -> Result<Option<Squad>> {
-    let text = crate::jsonio::read_utf8(path)?;
+    let text = crate::io::jsonio::read_utf8(path)?;
     let Ok(serde_json::Value::Object(obj)) = serde_json::from_str::<serde_json::Value>(&text)
     else {
         return Ok(None);
@@ -136,7 +136,7 @@ pub fn write_corpus(paragraphs: &[Paragraph], path: &Path) -> Result<()> {
         .iter()
         .map(|p| serde_json::json!({"id": p.id, "title": p.title, "text": p.context}))
         .collect();
-    crate::jsonio::write_atomic(path, crate::jsonio::to_jsonl(&rows)?.as_bytes())
+    crate::io::jsonio::write_atomic(path, crate::io::jsonio::to_jsonl(&rows)?.as_bytes())
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! passages). Randomness comes from ChaCha8 through [`below`], never through `rand`'s
 //! distributions, whose algorithms may change between versions.
 
-use crate::schema::{CptItem, QaPair, Split};
+use crate::io::schema::{CptItem, QaPair, Split};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

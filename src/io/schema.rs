@@ -1,6 +1,6 @@
 //! The file formats the commands read and write beside the corpus: question / answer pairs
 //! (`rag_train.jsonl`, `rag_test.jsonl`, any QA JSONL) and continual-pretraining items
-//! (`cpt_train.jsonl`). The synthetic generator ([`crate::corpus`]) writes them; training and
+//! (`cpt_train.jsonl`). The synthetic generator ([`crate::synthetic`]) writes them; training and
 //! evaluation read them from any source.
 
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,7 @@ pub struct QaPair {
 /// Read a QA JSONL file (`question`, `answers`, optional `id`; other fields ignored); a pair
 /// without an `id` gets its line number.
 pub fn read_qa(path: &std::path::Path) -> anyhow::Result<Vec<QaPair>> {
-    let rows: Vec<(usize, QaPair)> = crate::jsonio::read_jsonl_numbered(path)?;
+    let rows: Vec<(usize, QaPair)> = crate::io::jsonio::read_jsonl_numbered(path)?;
     Ok(rows
         .into_iter()
         .map(|(line, mut row)| {

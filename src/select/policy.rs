@@ -25,7 +25,7 @@ pub const POSITION_FEATURES: usize = 3;
 /// that occur in the chunk: a compressed vector blurs exact words, and the chunk that repeats
 /// the question's words is the one worth reading in full.
 pub fn position_features(
-    layout: &crate::prompt::PromptLayout,
+    layout: &crate::compression::prompt::PromptLayout,
     question: &[u32],
     device: &candle_core::Device,
 ) -> Result<Tensor> {
@@ -116,7 +116,7 @@ mod tests {
 
     #[test]
     fn position_features_give_passage_rank_and_place_in_passage() {
-        use crate::prompt::{ChunkRef, PromptLayout, Template};
+        use crate::compression::prompt::{ChunkRef, PromptLayout, Template};
         let t = Template {
             before: vec![1],
             between: vec![2],

@@ -14,9 +14,9 @@ use faiss::index::IndexImpl;
 use faiss::Index;
 use serde::Serialize;
 
-use crate::embed::BertEmbedder;
 use crate::hub::{self, ModelFiles};
-use crate::index::{self, Bm25Index, Bm25Params, Manifest};
+use crate::retrieval::embed::BertEmbedder;
+use crate::retrieval::index::{self, Bm25Index, Bm25Params, Manifest};
 
 /// Which ranking `search`, `generate` and the trainers retrieve with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default, serde::Serialize)]

@@ -55,7 +55,7 @@ pub fn read_pooling(files: &ModelFiles) -> Result<Pooling> {
     let Some(path) = hub::sibling(files, "1_Pooling/config.json") else {
         return Ok(Pooling::Mean);
     };
-    let cfg: PoolingConfig = crate::jsonio::read_json(&path)?;
+    let cfg: PoolingConfig = crate::io::jsonio::read_json(&path)?;
     if cfg.pooling_mode_max_tokens || cfg.pooling_mode_mean_sqrt_len_tokens {
         bail!(
             "{}: max and mean-sqrt-len pooling are not supported (use mean or cls)",
@@ -99,7 +99,7 @@ pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Read and parse a BERT `config.json`.
 pub fn read_config(path: &Path) -> Result<Config> {
-    crate::jsonio::read_json(path)
+    crate::io::jsonio::read_json(path)
         .with_context(|| format!("reading BERT config {}", path.display()))
 }
 
@@ -114,7 +114,7 @@ pub fn max_seq_len(files: &ModelFiles, config: &Config) -> Result<usize> {
     let Some(path) = hub::sibling(files, "sentence_bert_config.json") else {
         return Ok(limit);
     };
-    let cfg: SbertConfig = crate::jsonio::read_json(&path)?;
+    let cfg: SbertConfig = crate::io::jsonio::read_json(&path)?;
     Ok(cfg.max_seq_length.map_or(limit, |m| m.min(limit)))
 }
 

@@ -1,13 +1,13 @@
 //! What a killed writer leaves behind, finished or removed by the next writer of the same
-//! directory. [`crate::lock::DirLock`] calls [`after_dead_writers`] once it holds the lock of a
+//! directory. [`crate::io::lock::DirLock`] calls [`after_dead_writers`] once it holds the lock of a
 //! directory: no other refrag process is then writing it, so whatever temporary it finds there
 //! belongs to a writer that died (SIGKILL, power cut) and is safe to act on. Each action is
 //! reported on stderr in one line.
 //!
-//! - `.NAME.building-*` beside `NAME`: an index staging directory ([`crate::index::Staging`]),
+//! - `.NAME.building-*` beside `NAME`: an index staging directory ([`crate::retrieval::index::Staging`]),
 //!   removed; when `NAME` itself is missing, a staging directory ending in `.old` holds the
 //!   previous index (the writer died between its two renames) and is put back instead.
-//! - `NAME/.checkpoint.next`: a checkpoint being written ([`crate::checkpoint::begin_staged`]),
+//! - `NAME/.checkpoint.next`: a checkpoint being written ([`crate::io::checkpoint::begin_staged`]),
 //!   moved into place when it was marked complete, else removed.
 //! - `NAME/.tmp*` (temporary files of atomic writes) and `NAME/.*.link` (hard links being
 //!   renamed into place): removed.
@@ -20,8 +20,8 @@ use anyhow::{Context, Result};
 pub fn after_dead_writers(dir: &Path) -> Result<()> {
     staging_beside(dir)?;
     if dir.is_dir() {
-        if crate::checkpoint::recover_staged(dir, true)? {
-            report("finished", &dir.join(crate::checkpoint::STAGING));
+        if crate::io::checkpoint::recover_staged(dir, true)? {
+            report("finished", &dir.join(crate::io::checkpoint::STAGING));
         }
         for p in entries(dir)? {
             let name = file_name(&p);

@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use crate::projector::ProjectorConfig;
+use crate::compression::projector::ProjectorConfig;
 
 /// Version of the checkpoint layout.
 pub const FORMAT_VERSION: u32 = 1;
@@ -54,7 +54,7 @@ impl RefragConfig {
                 dir.display()
             );
         }
-        let cfg: Self = crate::jsonio::read_json(&path)?;
+        let cfg: Self = crate::io::jsonio::read_json(&path)?;
         if cfg.format_version != FORMAT_VERSION {
             bail!(
                 "{}: checkpoint format {} (this refrag reads {FORMAT_VERSION})",

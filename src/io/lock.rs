@@ -7,7 +7,7 @@
 //! that blocks; the file only carries the holder's pid for the message a second writer gets.
 //! [`DirLock`] removes its file when dropped; [`hold_until_exit`] keeps the lock for the rest of
 //! the process and leaves the (then unlocked) file behind. Whoever takes the lock first cleans
-//! up what a killed writer of the directory left ([`crate::recover`]).
+//! up what a killed writer of the directory left ([`crate::io::recover`]).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -74,7 +74,7 @@ impl DirLock {
             }
             write_pid(&mut file).with_context(|| format!("writing {}", path.display()))?;
             let lock = Self { file, path };
-            crate::recover::after_dead_writers(dir)
+            crate::io::recover::after_dead_writers(dir)
                 .with_context(|| format!("{flag} {}", dir.display()))?;
             return Ok(lock);
         }
