@@ -10,14 +10,16 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 
-use crate::compression::chunk_cache::ChunkCache;
 use crate::compression::encoder::ChunkEncoder;
-use crate::compression::prompt::{cap_chunks, chunk_tokens, PromptLayout, Template};
+use crate::compression::prompt::{cap_chunks, PromptLayout, Template};
 use crate::decoder::sample::Sampler;
 use crate::decoder::{Decoder, DecoderTokenizer, Logits};
 use crate::io::checkpoint::{self, RefragConfig};
 use crate::select;
 pub use crate::select::heuristic::{chunk_scores, chunk_scores_batch};
+pub use source::{cache_or_encode, ChunkSource, Encode};
+
+mod source;
 use crate::select::policy::{Policy, PolicyConfig};
 use crate::select::SelectMode;
 
@@ -70,13 +72,12 @@ pub struct Refrag {
     pub device: Device,
 }
 
-/// A question laid out over its passages, with the cached data that goes with it.
+/// A question laid out over its passages.
 pub struct Prepared {
     pub layout: PromptLayout,
-    /// Global chunk ids in the cache, when the cache served this question.
-    pub cache_ids: Option<Vec<usize>>,
-    /// Heuristic scores from the cache.
-    pub cached_scores: Option<Vec<f32>>,
+    /// Each layout chunk's id in the [`ChunkSource`] that prepared it, when that source keeps
+    /// ids (the chunk cache: global chunk ids).
+    pub source_ids: Option<Vec<usize>>,
     /// Question vector for the policy: mean of the decoder's embeddings of its tokens.
     pub question: String,
 }
@@ -174,75 +175,36 @@ impl Refrag {
         })
     }
 
-    /// Tokenize the template and the passages (from the cache when it serves) and cap the
-    /// context at `ctx_max` tokens.
+    /// Tokenize the template and the passages (chunks from `source`) and cap the context at
+    /// `ctx_max` tokens.
     pub fn prepare(
         &self,
         question: &str,
         passages: &[Passage],
-        cache: Option<&ChunkCache>,
+        source: &dyn ChunkSource,
         k: usize,
         ctx_max: usize,
     ) -> Result<Prepared> {
         let mut per_passage = Vec::new();
-        let mut global = Vec::new();
+        let mut ids = Vec::new();
         for p in passages {
-            match cache {
-                Some(c) => {
-                    let r = c.chunk_range(p.id);
-                    per_passage.push(
-                        r.clone()
-                            .map(|i| c.chunk_tokens(i).to_vec())
-                            .collect::<Vec<_>>(),
-                    );
-                    global.push(r.collect::<Vec<_>>());
-                }
-                None => per_passage.push(chunk_tokens(&self.dtok.encode(&p.text, false)?, k)),
-            }
+            let (chunks, chunk_ids) = source.passage_chunks(self, p, k)?;
+            per_passage.push(chunks);
+            ids.push(chunk_ids);
         }
         let (layout, capped) = question_layout(&self.dtok, question, &per_passage, ctx_max)?;
-        let (cache_ids, cached_scores) = match cache {
-            Some(c) => {
-                let ids: Vec<usize> = capped
-                    .iter()
-                    .zip(&global)
-                    .flat_map(|(kept, g)| g[..kept.len()].to_vec())
-                    .collect();
-                let scores = ids.iter().map(|&i| c.score(i)).collect();
-                (Some(ids), Some(scores))
-            }
-            None => (None, None),
-        };
+        // Ids of the chunks kept, when the source gave every passage's.
+        let source_ids = ids
+            .into_iter()
+            .zip(&capped)
+            .map(|(g, kept)| g.map(|g| g[..kept.len()].to_vec()))
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.concat());
         Ok(Prepared {
             layout,
-            cache_ids,
-            cached_scores,
+            source_ids,
             question: question.to_string(),
         })
-    }
-
-    /// Encoder vectors `(n, h)` of the chunks `which` (indices into the layout's chunks): from
-    /// the cache when it served, else by running the encoder.
-    pub fn chunk_vectors(
-        &self,
-        prep: &Prepared,
-        which: &[usize],
-        cache: Option<&ChunkCache>,
-    ) -> Result<Tensor> {
-        match (cache, &prep.cache_ids) {
-            (Some(c), Some(ids)) => c.vectors(
-                &which.iter().map(|&i| ids[i]).collect::<Vec<_>>(),
-                &self.device,
-            ),
-            _ => {
-                let texts: Vec<String> = which
-                    .iter()
-                    .map(|&i| self.dtok.decode(&prep.layout.chunks[i].tokens))
-                    .collect::<Result<_>>()?;
-                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                self.encoder.encode(&refs, 64)
-            }
-        }
     }
 
     /// Choose the chunks to expand, and return with the mask the projected embeddings `(L, d)`
@@ -254,7 +216,7 @@ impl Refrag {
         mode: SelectMode,
         p: f64,
         seed: u64,
-        cache: Option<&ChunkCache>,
+        source: &dyn ChunkSource,
         times: &mut StageTimes,
     ) -> Result<(Vec<bool>, Option<Tensor>)> {
         let l = prep.layout.chunks.len();
@@ -262,15 +224,15 @@ impl Refrag {
         let mut embeds = None;
         let t = Instant::now();
         let scores = match mode {
-            SelectMode::Heuristic => Some(match &prep.cached_scores {
-                Some(s) => s.clone(),
+            SelectMode::Heuristic => Some(match source.scores(prep) {
+                Some(s) => s,
                 None => self.layout_scores(&prep.layout)?,
             }),
             SelectMode::Policy => {
                 let Some(policy) = &self.policy else {
                     bail!("--select policy needs a trained policy in --load_dir (train_policy writes one)");
                 };
-                let e = self.timed_embed(prep, &all, cache, times)?;
+                let e = self.timed_embed(prep, &all, source, times)?;
                 let t = Instant::now();
                 let q = self.question_vector(&prep.question)?;
                 let pos = self.policy_features(prep)?;
@@ -291,7 +253,7 @@ impl Refrag {
         let mask = select::expansion_mask(mode, p, scores.as_deref(), l, seed)?;
         let compressed: Vec<usize> = all.iter().copied().filter(|&i| !mask[i]).collect();
         if embeds.is_none() && !compressed.is_empty() {
-            let e = self.timed_embed(prep, &compressed, cache, times)?;
+            let e = self.timed_embed(prep, &compressed, source, times)?;
             // Scatter the compressed rows into an (L, d) table; expanded rows stay zero.
             let d = e.dim(1)?;
             let mut rows = vec![0u32; l];
@@ -309,11 +271,11 @@ impl Refrag {
         &self,
         prep: &Prepared,
         which: &[usize],
-        cache: Option<&ChunkCache>,
+        source: &dyn ChunkSource,
         times: &mut StageTimes,
     ) -> Result<Tensor> {
         let t = Instant::now();
-        let v = self.chunk_vectors(prep, which, cache)?;
+        let v = source.vectors(self, prep, which)?;
         crate::device::sync(&self.device)?;
         times.encoding += t.elapsed().as_secs_f64();
         let t = Instant::now();

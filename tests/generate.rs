@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use refrag::compression::chunk_cache::ChunkCache;
 use refrag::decoder::sample::Sampler;
 use refrag::decoder::Logits;
-use refrag::pipeline::{Decode, Passage, Prepared, Refrag, StageTimes};
+use refrag::pipeline::{ChunkSource, Decode, Encode, Passage, Prepared, Refrag, StageTimes};
 use refrag::select::SelectMode;
 use serde_json::Value;
 
@@ -154,14 +154,14 @@ fn p_one_is_exactly_the_full_context_input() {
         .prepare(
             "Which river flows through City_10007?",
             &passages,
-            None,
+            &Encode,
             4,
             4096,
         )
         .unwrap();
     let mut times = StageTimes::default();
     let (mask, embeds) = r
-        .select_and_embed(&prep, SelectMode::Heuristic, 1.0, 0, None, &mut times)
+        .select_and_embed(&prep, SelectMode::Heuristic, 1.0, 0, &Encode, &mut times)
         .unwrap();
     assert!(mask.iter().all(|&m| m) && embeds.is_none());
     let x = prep
@@ -196,7 +196,7 @@ fn bench_path_is_the_generate_path() {
     let r = load(f.dir.path());
     let passages = passages();
     let q = "Which river flows through City_10007?";
-    let plain = r.prepare(q, &passages, None, 4, 4096).unwrap();
+    let plain = r.prepare(q, &passages, &Encode, 4, 4096).unwrap();
     let l = plain.layout.chunks.len();
     let all: Vec<usize> = (0..l).collect();
     let per_passage: Vec<Vec<Vec<u32>>> = plain
@@ -205,20 +205,19 @@ fn bench_path_is_the_generate_path() {
         .chunk_by(|a, b| a.passage == b.passage)
         .map(|g| g.iter().map(|c| c.tokens.clone()).collect())
         .collect();
-    let vectors = r.chunk_vectors(&plain, &all, None).unwrap();
+    let vectors = Encode.vectors(&r, &plain, &all).unwrap();
     let cache = ChunkCache::in_memory(("enc", "dec"), 4, &per_passage, vectors).unwrap();
     let cached = Prepared {
-        layout: r.prepare(q, &passages, None, 4, 4096).unwrap().layout,
-        cache_ids: Some(all),
-        cached_scores: None,
+        layout: r.prepare(q, &passages, &Encode, 4, 4096).unwrap().layout,
+        source_ids: Some(all),
         question: q.into(),
     };
     let mut t = StageTimes::default();
     let (m1, e1) = r
-        .select_and_embed(&plain, SelectMode::Random, 0.25, 3, None, &mut t)
+        .select_and_embed(&plain, SelectMode::Random, 0.25, 3, &Encode, &mut t)
         .unwrap();
     let (m2, e2) = r
-        .select_and_embed(&cached, SelectMode::Random, 0.25, 3, Some(&cache), &mut t)
+        .select_and_embed(&cached, SelectMode::Random, 0.25, 3, &cache, &mut t)
         .unwrap();
     assert_eq!(m1, m2);
     assert!(m1.iter().any(|&m| m) && m1.iter().any(|&m| !m));
@@ -242,15 +241,87 @@ fn bench_path_is_the_generate_path() {
     assert_eq!(bench.positions, plain_gen.positions);
 }
 
+/// A chunk source that numbers chunks from 100 and scores them as told: the pipeline reads
+/// chunks, ids, vectors and heuristic scores from the source it is given, and nowhere else.
+struct Scored(Vec<f32>);
+
+impl ChunkSource for Scored {
+    fn passage_chunks(
+        &self,
+        r: &Refrag,
+        p: &Passage,
+        k: usize,
+    ) -> anyhow::Result<(Vec<Vec<u32>>, Option<Vec<usize>>)> {
+        let (chunks, _) = Encode.passage_chunks(r, p, k)?;
+        let from = 100 + 10 * p.id;
+        let ids = (from..from + chunks.len()).collect();
+        Ok((chunks, Some(ids)))
+    }
+
+    fn vectors(&self, r: &Refrag, prep: &Prepared, which: &[usize]) -> anyhow::Result<Tensor> {
+        Encode.vectors(r, prep, which)
+    }
+
+    fn scores(&self, prep: &Prepared) -> Option<Vec<f32>> {
+        Some(
+            prep.layout
+                .chunks
+                .iter()
+                .enumerate()
+                .map(|(i, _)| self.0[i])
+                .collect(),
+        )
+    }
+}
+
+#[test]
+fn stages_read_chunks_from_the_source_they_are_given() {
+    let f = Fixture::new();
+    let r = load(f.dir.path());
+    let passages = passages();
+    let q = "Which river flows through City_10007?";
+    let plain = r.prepare(q, &passages, &Encode, 4, 4096).unwrap();
+    assert!(plain.source_ids.is_none());
+    let l = plain.layout.chunks.len();
+    assert!(l >= 4, "{l} chunks");
+    // Scores that put the last chunk first, then the first: the heuristic must follow them
+    // (the decoder's own perplexities are never computed), and other scores move the mask.
+    let mut scores = vec![0.0f32; l];
+    scores[l - 1] = 2.0;
+    scores[0] = 1.0;
+    let src = Scored(scores);
+    let prep = r.prepare(q, &passages, &src, 4, 4096).unwrap();
+    let ids = prep.source_ids.clone().unwrap();
+    assert_eq!(ids.len(), l);
+    assert_eq!(ids[0], 100 + 10 * passages[0].id);
+    assert_eq!(prep.layout.chunks.len(), plain.layout.chunks.len());
+    let p = 2.0 / l as f64;
+    let mut t = StageTimes::default();
+    let (mask, embeds) = r
+        .select_and_embed(&prep, SelectMode::Heuristic, p, 0, &src, &mut t)
+        .unwrap();
+    let want: Vec<bool> = (0..l).map(|i| i == 0 || i == l - 1).collect();
+    assert_eq!(mask, want);
+    assert!(embeds.is_some());
+    let mut other = vec![0.0f32; l];
+    other[1] = 1.0;
+    other[2] = 1.0;
+    let (mask2, _) = r
+        .select_and_embed(&prep, SelectMode::Heuristic, p, 0, &Scored(other), &mut t)
+        .unwrap();
+    assert_ne!(mask, mask2);
+    assert!(mask2[1] && mask2[2]);
+}
+
 #[test]
 fn compression_shrinks_the_input_and_keeps_the_template() {
     let f = Fixture::new();
     let r = load(f.dir.path());
     let passages = passages();
-    let prep = r.prepare("q?", &passages, None, 4, 4096).unwrap();
+    let prep = r.prepare("q?", &passages, &Encode, 4, 4096).unwrap();
     let mut times = StageTimes::default();
     let (mask, embeds) = r
-        .select_and_embed(&prep, SelectMode::None, 0.0, 0, None, &mut times)
+        .select_and_embed(&prep, SelectMode::None, 0.0, 0, &Encode, &mut times)
         .unwrap();
     let l = prep.layout.chunks.len();
     let x = prep

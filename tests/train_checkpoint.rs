@@ -323,7 +323,7 @@ fn qa_layout_is_the_layout_generate_prepares() {
     let q = "Which river flows through City_1?";
     for (k, ctx_max) in [(4, 1000), (16, 40)] {
         let want = refrag
-            .prepare(q, &passages, None, k, ctx_max)
+            .prepare(q, &passages, &refrag::pipeline::Encode, k, ctx_max)
             .unwrap()
             .layout;
         let got = qa_layout(&refrag.dtok, q, &texts, k, ctx_max).unwrap();

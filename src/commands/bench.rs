@@ -28,7 +28,7 @@ use crate::evaluation::metrics::median;
 use crate::io::jsonio;
 use crate::io::weights::decoder_arg;
 use crate::kernels::blas;
-use crate::pipeline::{Decode, Prepared, Refrag, StageTimes};
+use crate::pipeline::{cache_or_encode, ChunkSource, Decode, Encode, Prepared, Refrag, StageTimes};
 use crate::{device, progress};
 
 /// One REFRAG configuration of a context length.
@@ -225,15 +225,14 @@ impl KPrep {
         question: &str,
         k: usize,
     ) -> Result<Self> {
-        let prepared = |cache_ids| Prepared {
+        let prepared = |source_ids| Prepared {
             layout: PromptLayout::new(template, chunks),
-            cache_ids,
-            cached_scores: None,
+            source_ids,
             question: question.to_string(),
         };
         let plain = prepared(None);
         let all: Vec<usize> = (0..plain.layout.chunks.len()).collect();
-        let vectors = refrag.chunk_vectors(&plain, &all, None)?;
+        let vectors = Encode.vectors(refrag, &plain, &all)?;
         let names = (
             refrag.encoder.fingerprint.as_str(),
             refrag.decoder_name.as_str(),
@@ -375,8 +374,14 @@ fn run_refrag(
     max_new: usize,
 ) -> Result<Sample> {
     let mut times = StageTimes::default();
-    let (mask, embeds) =
-        refrag.select_and_embed(prep, SelectMode::Random, p, seed, cache, &mut times)?;
+    let (mask, embeds) = refrag.select_and_embed(
+        prep,
+        SelectMode::Random,
+        p,
+        seed,
+        cache_or_encode(cache),
+        &mut times,
+    )?;
     decode(refrag, prep, &mask, embeds.as_ref(), max_new, times)
 }
 

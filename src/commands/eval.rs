@@ -21,7 +21,7 @@ use crate::evaluation::metrics::{self, mean, median};
 use crate::io::checkpoint::RefragConfig;
 use crate::io::jsonio;
 use crate::io::schema::QaPair;
-use crate::pipeline::{Generated, Passage, Prepared, Refrag, StageTimes};
+use crate::pipeline::{cache_or_encode, Encode, Generated, Passage, Prepared, Refrag, StageTimes};
 use crate::retrieval::search::Retriever;
 use crate::{device, limits, progress};
 
@@ -280,9 +280,13 @@ impl Evaluator<'_> {
         let gold_retrieved = metrics::gold_retrieved(texts, &qa.question, &qa.answers);
         let passages: Vec<Passage> = hits.iter().map(Passage::from).collect();
         let t = Instant::now();
-        let prep = self
-            .refrag
-            .prepare(&qa.question, &passages, self.cache, c.k, c.ctx_max)?;
+        let prep = self.refrag.prepare(
+            &qa.question,
+            &passages,
+            cache_or_encode(self.cache),
+            c.k,
+            c.ctx_max,
+        )?;
         let tokenize = t.elapsed().as_secs_f64();
         let positions_full = prep
             .layout
@@ -340,9 +344,14 @@ impl Evaluator<'_> {
             EvalMode::Policy => (SelectMode::Policy, p),
             EvalMode::NoContext => (SelectMode::None, 0.0),
         };
-        let (mask, embeds) = self
-            .refrag
-            .select_and_embed(prep, select, p, seed, self.cache, &mut times)?;
+        let (mask, embeds) = self.refrag.select_and_embed(
+            prep,
+            select,
+            p,
+            seed,
+            cache_or_encode(self.cache),
+            &mut times,
+        )?;
         let g = self.generate(prep, &mask, embeds.as_ref(), times)?;
         Ok((g, mask.iter().filter(|&&m| m).count(), mask.len()))
     }
@@ -359,15 +368,22 @@ impl Evaluator<'_> {
         let c = &self.args.compress;
         let budget = refrag_budget(&prep.layout, c.k, c.p);
         let t = Instant::now();
-        let cut = self
-            .refrag
-            .prepare(question, passages, self.cache, c.k, budget.max(1))?;
+        let cut = self.refrag.prepare(
+            question,
+            passages,
+            cache_or_encode(self.cache),
+            c.k,
+            budget.max(1),
+        )?;
         times.tokenize = t.elapsed().as_secs_f64();
         let n = cut.layout.chunks.len();
         let mask = vec![true; n];
         // A budget below one chunk leaves no passage: the template alone.
         let (cut, mask) = if budget == 0 {
-            (self.refrag.prepare(question, &[], None, 1, 1)?, Vec::new())
+            (
+                self.refrag.prepare(question, &[], &Encode, 1, 1)?,
+                Vec::new(),
+            )
         } else {
             (cut, mask)
         };
@@ -378,7 +394,7 @@ impl Evaluator<'_> {
     /// The same template with zero passages.
     fn no_context(&self, question: &str) -> Result<Generated> {
         let t = Instant::now();
-        let prep = self.refrag.prepare(question, &[], None, 1, 1)?;
+        let prep = self.refrag.prepare(question, &[], &Encode, 1, 1)?;
         let times = StageTimes {
             tokenize: t.elapsed().as_secs_f64(),
             ..StageTimes::default()

@@ -18,7 +18,7 @@ use crate::compression::prompt::PromptLayout;
 use crate::decoder::sample::Sampler;
 use crate::decoder::DecoderTokenizer;
 use crate::io::weights::decoder_arg;
-use crate::pipeline::{Passage, Refrag, StageTimes};
+use crate::pipeline::{cache_or_encode, Passage, Refrag, StageTimes};
 use crate::retrieval::index::PassageSource;
 use crate::retrieval::search::{Hit, Retriever};
 use crate::{device, limits, select};
@@ -206,6 +206,7 @@ impl<'a> Session<'a> {
     /// questions before it.
     pub(crate) fn answer(&self, question: &str) -> Result<Value> {
         let (a, c, refrag, cache) = (self.a, self.c, &self.refrag, self.cache.as_ref());
+        let source = cache_or_encode(cache);
         let mut times = StageTimes::default();
         let t = Instant::now();
         let hits = self
@@ -215,10 +216,10 @@ impl<'a> Session<'a> {
         let origins: Vec<_> = hits.iter().map(|h| self.retriever.source(h.id)).collect();
         let passages: Vec<Passage> = hits.iter().map(Passage::from).collect();
         let t = Instant::now();
-        let prep = refrag.prepare(question, &passages, cache, c.k, c.ctx_max)?;
+        let prep = refrag.prepare(question, &passages, source, c.k, c.ctx_max)?;
         times.tokenize = t.elapsed().as_secs_f64();
         let (mask, embeds) =
-            refrag.select_and_embed(&prep, self.mode, c.p, a.runtime.seed, cache, &mut times)?;
+            refrag.select_and_embed(&prep, self.mode, c.p, a.runtime.seed, source, &mut times)?;
         let mut sampler = Sampler::new(a.temperature, a.top_p, a.runtime.seed);
         let g = refrag.generate(
             &prep,

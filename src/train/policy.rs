@@ -31,7 +31,7 @@ use super::seq::{forward_with_tables, weighted_mean, Seq};
 use super::vars::named_vars;
 use crate::compression::projector::uniform;
 use crate::compression::prompt::PromptLayout;
-use crate::pipeline::{Prepared, Refrag};
+use crate::pipeline::{ChunkSource, Encode, Prepared, Refrag};
 use crate::retrieval::search::Retrieve;
 use crate::select::policy::{log_sum_exp, Policy, PolicyConfig};
 use crate::select::{num_expand, random_n, top_n};
@@ -180,8 +180,7 @@ impl PolicyTask {
         )?;
         let prep = Prepared {
             layout,
-            cache_ids: None,
-            cached_scores: None,
+            source_ids: None,
             question: q.clone(),
         };
         let all: Vec<usize> = (0..prep.layout.chunks.len()).collect();
@@ -192,7 +191,7 @@ impl PolicyTask {
                 &self.refrag.device,
             )?
         } else {
-            let v = self.refrag.chunk_vectors(&prep, &all, None)?;
+            let v = Encode.vectors(&self.refrag, &prep, &all)?;
             self.refrag.encoder.project(&v)?.detach()
         };
         let question = self.refrag.question_vector(q)?;
