@@ -108,11 +108,15 @@ fn unknown_flag_is_one_line_and_exit_2() {
 fn out_of_range_values_are_one_line_and_exit_2() {
     let generate = ["generate", "--index_dir", "idx", "--question", "q"];
     let sft = ["sft", "--rag_json", "q.jsonl", "--index_dir", "idx"];
+    let next = ["cpt_next", "--train_json", "t.jsonl"];
     for (base, flag, value, range) in [
         (&generate[..], "--topk", "0", "must be at least 1"),
         (&generate[..], "--p", "1.5", "must be in [0, 1]"),
         (&generate[..], "--top_p", "0", "must be in (0, 1]"),
         (&sft[..], "--expand_max", "2", "must be in [0, 1]"),
+        (&sft[..], "--dec_lr", "0", "must be a finite number > 0"),
+        (&next[..], "--s", "0", "must be at least 1"),
+        (&next[..], "--o", "0", "must be at least 1"),
     ] {
         let mut args = base.to_vec();
         args.extend([flag, value]);
