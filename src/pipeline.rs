@@ -17,7 +17,7 @@ use crate::decoder::{Decoder, DecoderTokenizer, Logits};
 use crate::io::checkpoint::{self, RefragConfig};
 use crate::select;
 pub use crate::select::heuristic::{chunk_scores, chunk_scores_batch};
-pub use source::{cache_or_encode, ChunkSource, Encode};
+pub use source::{cache_or_encode, ChunkSource, Encode, PassageChunks};
 
 mod source;
 use crate::select::policy::{Policy, PolicyConfig};
@@ -188,9 +188,9 @@ impl Refrag {
         let mut per_passage = Vec::new();
         let mut ids = Vec::new();
         for p in passages {
-            let (chunks, chunk_ids) = source.passage_chunks(self, p, k)?;
-            per_passage.push(chunks);
-            ids.push(chunk_ids);
+            let chunks = source.passage_chunks(self, p, k)?;
+            per_passage.push(chunks.tokens);
+            ids.push(chunks.ids);
         }
         let (layout, capped) = question_layout(&self.dtok, question, &per_passage, ctx_max)?;
         // Ids of the chunks kept, when the source gave every passage's.

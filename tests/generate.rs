@@ -12,7 +12,9 @@ use candle_core::{DType, Device, Tensor};
 use refrag::compression::chunk_cache::ChunkCache;
 use refrag::decoder::sample::Sampler;
 use refrag::decoder::Logits;
-use refrag::pipeline::{ChunkSource, Decode, Encode, Passage, Prepared, Refrag, StageTimes};
+use refrag::pipeline::{
+    ChunkSource, Decode, Encode, Passage, PassageChunks, Prepared, Refrag, StageTimes,
+};
 use refrag::select::SelectMode;
 use serde_json::Value;
 
@@ -246,16 +248,11 @@ fn bench_path_is_the_generate_path() {
 struct Scored(Vec<f32>);
 
 impl ChunkSource for Scored {
-    fn passage_chunks(
-        &self,
-        r: &Refrag,
-        p: &Passage,
-        k: usize,
-    ) -> anyhow::Result<(Vec<Vec<u32>>, Option<Vec<usize>>)> {
-        let (chunks, _) = Encode.passage_chunks(r, p, k)?;
+    fn passage_chunks(&self, r: &Refrag, p: &Passage, k: usize) -> anyhow::Result<PassageChunks> {
+        let mut chunks = Encode.passage_chunks(r, p, k)?;
         let from = 100 + 10 * p.id;
-        let ids = (from..from + chunks.len()).collect();
-        Ok((chunks, Some(ids)))
+        chunks.ids = Some((from..from + chunks.tokens.len()).collect());
+        Ok(chunks)
     }
 
     fn vectors(&self, r: &Refrag, prep: &Prepared, which: &[usize]) -> anyhow::Result<Tensor> {

@@ -11,16 +11,18 @@ use super::{Passage, Prepared, Refrag};
 use crate::compression::chunk_cache::ChunkCache;
 use crate::compression::prompt::chunk_tokens;
 
+/// A passage's chunks of `k` decoder tokens, and each chunk's id in the source that cut them
+/// when that source keeps ids.
+pub struct PassageChunks {
+    pub tokens: Vec<Vec<u32>>,
+    pub ids: Option<Vec<usize>>,
+}
+
 /// A source of chunk tokens, vectors and scores.
 pub trait ChunkSource {
     /// The chunks of `k` decoder tokens of passage `p`, and each chunk's id in this source when
     /// the source keeps them (`None`: later stages compute from the tokens).
-    fn passage_chunks(
-        &self,
-        r: &Refrag,
-        p: &Passage,
-        k: usize,
-    ) -> Result<(Vec<Vec<u32>>, Option<Vec<usize>>)>;
+    fn passage_chunks(&self, r: &Refrag, p: &Passage, k: usize) -> Result<PassageChunks>;
 
     /// Encoder vectors `(n, h)` of the chunks `which` (indices into `prep`'s layout).
     fn vectors(&self, r: &Refrag, prep: &Prepared, which: &[usize]) -> Result<Tensor>;
@@ -34,13 +36,11 @@ pub trait ChunkSource {
 pub struct Encode;
 
 impl ChunkSource for Encode {
-    fn passage_chunks(
-        &self,
-        r: &Refrag,
-        p: &Passage,
-        k: usize,
-    ) -> Result<(Vec<Vec<u32>>, Option<Vec<usize>>)> {
-        Ok((chunk_tokens(&r.dtok.encode(&p.text, false)?, k), None))
+    fn passage_chunks(&self, r: &Refrag, p: &Passage, k: usize) -> Result<PassageChunks> {
+        Ok(PassageChunks {
+            tokens: chunk_tokens(&r.dtok.encode(&p.text, false)?, k),
+            ids: None,
+        })
     }
 
     fn vectors(&self, r: &Refrag, prep: &Prepared, which: &[usize]) -> Result<Tensor> {
@@ -60,15 +60,13 @@ impl ChunkSource for Encode {
 /// The index's chunk cache: chunks by passage id, vectors and scores by global chunk id. A
 /// question prepared by another source (no ids) falls back to [`Encode`].
 impl ChunkSource for ChunkCache {
-    fn passage_chunks(
-        &self,
-        _r: &Refrag,
-        p: &Passage,
-        _k: usize,
-    ) -> Result<(Vec<Vec<u32>>, Option<Vec<usize>>)> {
+    fn passage_chunks(&self, _r: &Refrag, p: &Passage, _k: usize) -> Result<PassageChunks> {
         let ids: Vec<usize> = self.chunk_range(p.id).collect();
-        let chunks = ids.iter().map(|&i| self.chunk_tokens(i).to_vec()).collect();
-        Ok((chunks, Some(ids)))
+        let tokens = ids.iter().map(|&i| self.chunk_tokens(i).to_vec()).collect();
+        Ok(PassageChunks {
+            tokens,
+            ids: Some(ids),
+        })
     }
 
     fn vectors(&self, r: &Refrag, prep: &Prepared, which: &[usize]) -> Result<Tensor> {
