@@ -28,7 +28,7 @@ use crate::evaluation::metrics::median;
 use crate::io::jsonio;
 use crate::io::weights::decoder_arg;
 use crate::kernels::blas;
-use crate::pipeline::{cache_or_encode, ChunkSource, Decode, Encode, Prepared, Refrag, StageTimes};
+use crate::pipeline::{ChunkSource, Decode, Encode, Prepared, Refrag, StageTimes};
 use crate::{device, progress};
 
 /// One REFRAG configuration of a context length.
@@ -272,15 +272,15 @@ fn bench_context(
         let mut s = Vec::with_capacity(cells.len());
         for c in &cells {
             let kp = prep_of(c.k);
-            let (prep, cache) = match c.cached {
-                true => (&kp.cached, Some(&kp.cache)),
-                false => (&kp.plain, None),
+            let (prep, source): (_, &dyn ChunkSource) = match c.cached {
+                true => (&kp.cached, &kp.cache),
+                false => (&kp.plain, &Encode),
             };
             s.push(run_refrag(
                 refrag,
                 prep,
                 c.p,
-                cache,
+                source,
                 a.runtime.seed,
                 a.max_new,
             )?);
@@ -363,25 +363,19 @@ fn run_full(refrag: &Refrag, prep: &Prepared, max_new: usize) -> Result<Sample> 
 }
 
 /// REFRAG through the pipeline that `generate` runs: random (seeded) selection, the compressed
-/// chunks' vectors from `cache` (the in-memory cache of this context) or the encoder, projection,
-/// prefill of the mixed input and decoding.
+/// chunks' vectors from `source` (the in-memory cache of this context, or the encoder),
+/// projection, prefill of the mixed input and decoding.
 fn run_refrag(
     refrag: &Refrag,
     prep: &Prepared,
     p: f64,
-    cache: Option<&ChunkCache>,
+    source: &dyn ChunkSource,
     seed: u64,
     max_new: usize,
 ) -> Result<Sample> {
     let mut times = StageTimes::default();
-    let (mask, embeds) = refrag.select_and_embed(
-        prep,
-        SelectMode::Random,
-        p,
-        seed,
-        cache_or_encode(cache),
-        &mut times,
-    )?;
+    let (mask, embeds) =
+        refrag.select_and_embed(prep, SelectMode::Random, p, seed, source, &mut times)?;
     decode(refrag, prep, &mask, embeds.as_ref(), max_new, times)
 }
 

@@ -15,13 +15,14 @@ use serde_json::json;
 
 use crate::cli::{EvalArgs, EvalMode, SelectMode};
 use crate::commands::generate::{decoder_limits, open_pipeline};
-use crate::compression::chunk_cache::ChunkCache;
 use crate::decoder::sample::Sampler;
 use crate::evaluation::metrics::{self, mean, median};
 use crate::io::checkpoint::RefragConfig;
 use crate::io::jsonio;
 use crate::io::schema::QaPair;
-use crate::pipeline::{cache_or_encode, Encode, Generated, Passage, Prepared, Refrag, StageTimes};
+use crate::pipeline::{
+    cache_or_encode, ChunkSource, Encode, Generated, Passage, Prepared, Refrag, StageTimes,
+};
 use crate::retrieval::search::Retriever;
 use crate::{device, limits, progress};
 
@@ -84,7 +85,8 @@ struct Evaluator<'a> {
     args: &'a EvalArgs,
     refrag: &'a Refrag,
     retriever: &'a Retriever,
-    cache: Option<&'a ChunkCache>,
+    /// Where chunks come from: the index's chunk cache when it fits, else the encoder.
+    source: &'a dyn ChunkSource,
     modes: &'a [EvalMode],
 }
 
@@ -171,7 +173,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         args: a,
         refrag: &refrag,
         retriever: &retriever,
-        cache: cache.as_ref(),
+        source: cache_or_encode(cache.as_ref()),
         modes: &modes,
     };
     let bar = progress::bar(
@@ -280,13 +282,9 @@ impl Evaluator<'_> {
         let gold_retrieved = metrics::gold_retrieved(texts, &qa.question, &qa.answers);
         let passages: Vec<Passage> = hits.iter().map(Passage::from).collect();
         let t = Instant::now();
-        let prep = self.refrag.prepare(
-            &qa.question,
-            &passages,
-            cache_or_encode(self.cache),
-            c.k,
-            c.ctx_max,
-        )?;
+        let prep = self
+            .refrag
+            .prepare(&qa.question, &passages, self.source, c.k, c.ctx_max)?;
         let tokenize = t.elapsed().as_secs_f64();
         let positions_full = prep
             .layout
@@ -344,14 +342,9 @@ impl Evaluator<'_> {
             EvalMode::Policy => (SelectMode::Policy, p),
             EvalMode::NoContext => (SelectMode::None, 0.0),
         };
-        let (mask, embeds) = self.refrag.select_and_embed(
-            prep,
-            select,
-            p,
-            seed,
-            cache_or_encode(self.cache),
-            &mut times,
-        )?;
+        let (mask, embeds) =
+            self.refrag
+                .select_and_embed(prep, select, p, seed, self.source, &mut times)?;
         let g = self.generate(prep, &mask, embeds.as_ref(), times)?;
         Ok((g, mask.iter().filter(|&&m| m).count(), mask.len()))
     }
@@ -368,13 +361,9 @@ impl Evaluator<'_> {
         let c = &self.args.compress;
         let budget = refrag_budget(&prep.layout, c.k, c.p);
         let t = Instant::now();
-        let cut = self.refrag.prepare(
-            question,
-            passages,
-            cache_or_encode(self.cache),
-            c.k,
-            budget.max(1),
-        )?;
+        let cut = self
+            .refrag
+            .prepare(question, passages, self.source, c.k, budget.max(1))?;
         times.tokenize = t.elapsed().as_secs_f64();
         let n = cut.layout.chunks.len();
         let mask = vec![true; n];

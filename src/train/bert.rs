@@ -156,10 +156,12 @@ impl TrainBert {
         let add = ((m.ones_like()? - &m)? * f64::from(f32::MIN))?
             .unsqueeze(1)?
             .unsqueeze(1)?;
-        let lens = if x.track_op() {
-            None
-        } else {
+        // Only the CPU f32 attention can use the lengths; elsewhere reading the mask back
+        // would cost a device sync per forward. Each layer decides whether it needs gradients.
+        let lens = if fused::usable(&x) {
             prefix_lengths(&mask.to_dtype(DType::U32)?.to_vec2::<u32>()?)
+        } else {
+            None
         };
         for layer in &self.layers {
             x = layer.forward(&x, &add, lens.as_deref())?;
