@@ -17,6 +17,7 @@ mod attention;
 mod decode_attention;
 mod padded_attention;
 mod softmax;
+pub mod threads;
 
 pub use attention::{causal_attention, causal_attention_blocked, FEW_ROWS};
 pub use padded_attention::padded_attention;
