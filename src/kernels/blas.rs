@@ -15,6 +15,7 @@ use candle_nn::Linear;
 
 mod attention;
 mod decode_attention;
+pub mod encoder_layer;
 mod padded_attention;
 mod softmax;
 pub mod threads;

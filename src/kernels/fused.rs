@@ -19,6 +19,7 @@ mod layer_norm;
 
 pub use attention::causal_attention;
 pub use layer_norm::layer_norm;
+pub(crate) use layer_norm::layer_norm_row;
 
 /// Whether the fused ops serve `x` (CPU f32).
 pub fn usable(x: &Tensor) -> bool {
@@ -309,7 +310,8 @@ fn erf(x: f32) -> f32 {
     r.copysign(x)
 }
 
-fn cdf(x: f32) -> f32 {
+/// The standard normal CDF, `Phi(x)`.
+pub(crate) fn cdf(x: f32) -> f32 {
     0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 

@@ -523,6 +523,51 @@ mod tests {
     }
 
     #[test]
+    fn packed_layers_match_the_tensor_op_layers() {
+        let (_dir, e) = tiny(Some("mean"));
+        let Network::Blas(m) = &e.model else {
+            panic!("the CPU f32 embedder runs the BLAS network");
+        };
+        let texts = [
+            "a much longer passage about the history of city_12 and its many rivers and bridges",
+            "City_7 lies on River_003.",
+            "x",
+        ];
+        let b = e.tokenize(&texts).unwrap();
+        let packed = m.forward_with(&b.ids, &b.type_ids, &b.mask, true).unwrap();
+        let plain = m.forward_with(&b.ids, &b.type_ids, &b.mask, false).unwrap();
+        // Real rows agree; the packed path leaves padding rows zero (pooling masks them).
+        let mask = b.mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+        let diff = ((packed.broadcast_mul(&mask).unwrap() - plain.broadcast_mul(&mask).unwrap())
+            .unwrap())
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+        assert!(diff < 1e-5, "packed vs tensor ops: {diff}");
+        let pad = (packed.broadcast_mul(&(1.0 - &mask).unwrap()).unwrap())
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(pad, 0.0);
+        assert!(
+            plain
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.1
+        );
+    }
+
+    #[test]
     fn pooling_read_from_folder() {
         assert_eq!(tiny(Some("cls")).1.pooling(), Pooling::Cls);
         assert_eq!(tiny(Some("mean")).1.pooling(), Pooling::Mean);

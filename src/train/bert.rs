@@ -6,8 +6,9 @@
 //! embedder and the chunk encoder at inference, [`crate::retrieval::embed::BertEmbedder`]) attention is
 //! one fused op over each sequence's real tokens ([`blas::padded_attention`]).
 
+use crate::kernels::blas::encoder_layer;
 use crate::kernels::{blas, fused};
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{CpuStorage, DType, Layout, Module, Result, Storage, Tensor, D};
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
@@ -51,6 +52,7 @@ struct Layer {
     out: Linear,
     out_norm: LayerNorm,
     heads: usize,
+    eps: f64,
     act: HiddenAct,
 }
 
@@ -68,8 +70,70 @@ impl Layer {
             out: linear(f, h, vb.pp("output.dense"))?,
             out_norm: LayerNorm::new(h, eps, vb.pp("output.LayerNorm"))?,
             heads: cfg.num_attention_heads,
+            eps,
             act: cfg.hidden_act,
         })
+    }
+
+    /// Whether any parameter trains (is a variable or depends on one).
+    fn trains(&self) -> bool {
+        self.tensors()
+            .iter()
+            .any(|t| t.is_some_and(Tensor::track_op))
+    }
+
+    /// Weights and biases in the order of [`encoder_layer::LayerParams`]'s fields.
+    fn tensors(&self) -> [Option<&Tensor>; 16] {
+        fn lin(l: &Linear) -> [Option<&Tensor>; 2] {
+            [Some(l.weight()), l.bias()]
+        }
+        fn norm(n: &LayerNorm) -> [Option<&Tensor>; 2] {
+            [Some(&n.weight), Some(&n.bias)]
+        }
+        let [a, b] = lin(&self.query);
+        let [c, d] = lin(&self.key);
+        let [e, f] = lin(&self.value);
+        let [g, h] = lin(&self.attn_out);
+        let [i, j] = norm(&self.attn_norm);
+        let [k, l] = lin(&self.inter);
+        let [m, n] = lin(&self.out);
+        let [o, p] = norm(&self.out_norm);
+        [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p]
+    }
+
+    /// Run `f` on this layer's parameters as slices; `None` where the packed layer cannot
+    /// stand in for [`Layer::forward`] (a missing bias, the tanh GELU).
+    fn with_params<R>(
+        &self,
+        f: impl FnOnce(&encoder_layer::LayerParams) -> R,
+    ) -> Result<Option<R>> {
+        let act = match self.act {
+            HiddenAct::Gelu => encoder_layer::Activation::GeluErf,
+            HiddenAct::Relu => encoder_layer::Activation::Relu,
+            HiddenAct::GeluApproximate => return Ok(None),
+        };
+        let Some(tensors) = self.tensors().into_iter().collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
+        let held: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let v = held
+            .iter()
+            .map(|(s, l)| cpu_f32(s, l))
+            .collect::<Result<Vec<_>>>()?;
+        let p = encoder_layer::LayerParams {
+            query: (v[0], v[1]),
+            key: (v[2], v[3]),
+            value: (v[4], v[5]),
+            attn_out: (v[6], v[7]),
+            attn_norm: (v[8], v[9]),
+            inter: (v[10], v[11]),
+            out: (v[12], v[13]),
+            out_norm: (v[14], v[15]),
+            heads: self.heads,
+            eps: self.eps as f32,
+            act,
+        };
+        Ok(Some(f(&p)))
     }
 
     /// `(b, s, h)` -> `(b, heads, s, hd)`.
@@ -142,6 +206,18 @@ impl TrainBert {
 
     /// Last-layer states `(b, s, h)` of ids, type ids and attention mask `(b, s)` u32.
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.forward_with(ids, type_ids, mask, true)
+    }
+
+    /// [`TrainBert::forward`]; `packed` lets a forward without gradients on the CPU in f32 run
+    /// its layers over the real tokens only ([`encoder_layer`]), else every layer is tensor ops.
+    pub(crate) fn forward_with(
+        &self,
+        ids: &Tensor,
+        type_ids: &Tensor,
+        mask: &Tensor,
+        packed: bool,
+    ) -> Result<Tensor> {
         let (_b, s) = ids.dims2()?;
         let pos = Tensor::arange(0u32, s as u32, ids.device())?;
         // The token-embedding table never trains (see `train::parts::FROZEN_ENCODER_SUFFIX`):
@@ -163,10 +239,40 @@ impl TrainBert {
         } else {
             None
         };
+        if let (true, Some(lens)) = (packed, &lens) {
+            if let Some(y) = self.packed_layers(&x, lens)? {
+                return Ok(y);
+            }
+        }
         for layer in &self.layers {
             x = layer.forward(&x, &add, lens.as_deref())?;
         }
         Ok(x)
+    }
+
+    /// The layers over the packed real tokens of `x` `(b, s, h)`, or `None` where that path does
+    /// not apply (gradients to track, an activation it lacks, a layer without biases).
+    fn packed_layers(&self, x: &Tensor, lens: &[usize]) -> Result<Option<Tensor>> {
+        if x.track_op() || self.layers.iter().any(Layer::trains) {
+            return Ok(None);
+        }
+        let (b, s, h) = x.dims3()?;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut packed = encoder_layer::Packed::from_padded(&xv, s, h, lens);
+        for layer in &self.layers {
+            if layer.with_params(|p| packed.layer(p))?.is_none() {
+                return Ok(None);
+            }
+        }
+        Tensor::from_vec(packed.to_padded(s), (b, s, h), x.device()).map(Some)
+    }
+}
+
+/// The f32 data of a CPU tensor's storage, for a contiguous layout.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("packed BERT layer: expected a contiguous f32 CPU tensor"),
     }
 }
 

@@ -25,6 +25,14 @@ fn moments(row: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// LayerNorm of one row in place (the forward of [`layer_norm`] on a row).
+pub(crate) fn layer_norm_row(row: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    let (mean, r) = moments(row, eps);
+    for ((v, &wi), &bi) in row.iter_mut().zip(w).zip(b) {
+        *v = (*v - mean) * r * wi + bi;
+    }
+}
+
 /// Rows per parallel task in the backward pass (each keeps its own `dw`, `db`).
 const ROWS_PER_TASK: usize = 64;
 
