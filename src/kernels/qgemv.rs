@@ -488,36 +488,38 @@ mod tests {
             (GgmlDType::Q4_1, QKind::Q4_1),
             (GgmlDType::Q8_0, QKind::Q8_0),
         ] {
-            let (rows, cols, m) = (70, 96, 3);
-            let q = QTensor::quantize(&random(rows, cols, 1), t).unwrap();
-            let w = q.dequantize(&Device::Cpu).unwrap();
-            let mat = QMatrix::from_qtensor(&q).unwrap().unwrap();
-            assert_eq!(mat.kind, kind);
-            let x = random(m, cols, 2);
-            let want: Vec<f32> = x
-                .matmul(&w.t().unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-            for (act, tol) in [(Act::Q8, 0.01), (Act::F32, 1e-5)] {
-                let mut got = vec![0f32; m * rows];
-                mat.matmul_t(&xv, m, &mut got, act);
-                for (g, e) in got.iter().zip(&want) {
-                    assert!((g - e).abs() < tol * scale, "{kind:?} {act:?}: {g} vs {e}");
+            for cols in [96, 352] {
+                let (rows, m) = (70, 3);
+                let q = QTensor::quantize(&random(rows, cols, 1), t).unwrap();
+                let w = q.dequantize(&Device::Cpu).unwrap();
+                let mat = QMatrix::from_qtensor(&q).unwrap().unwrap();
+                assert_eq!(mat.kind, kind);
+                let x = random(m, cols, 2);
+                let want: Vec<f32> = x
+                    .matmul(&w.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                for (act, tol) in [(Act::Q8, 0.01), (Act::F32, 1e-5)] {
+                    let mut got = vec![0f32; m * rows];
+                    mat.matmul_t(&xv, m, &mut got, act);
+                    for (g, e) in got.iter().zip(&want) {
+                        assert!((g - e).abs() < tol * scale, "{kind:?} {act:?}: {g} vs {e}");
+                    }
                 }
-            }
-            for a in [
-                Row::Q8(quantize_row(&xv[..cols])),
-                Row::F32(F32Row::new(&xv[..cols])),
-            ] {
-                for r in 0..rows {
-                    let s = mat.dot_row(r, &a, false);
-                    let v = mat.dot_row(r, &a, simd_available());
-                    assert!((s - v).abs() <= 1e-4 * s.abs().max(1.0), "{kind:?} row {r}");
+                for a in [
+                    Row::Q8(quantize_row(&xv[..cols])),
+                    Row::F32(F32Row::new(&xv[..cols])),
+                ] {
+                    for r in 0..rows {
+                        let s = mat.dot_row(r, &a, false);
+                        let v = mat.dot_row(r, &a, simd_available());
+                        assert!((s - v).abs() <= 1e-4 * s.abs().max(1.0), "{kind:?} row {r}");
+                    }
                 }
             }
         }
