@@ -23,6 +23,54 @@ mod source;
 use crate::select::policy::{Policy, PolicyConfig};
 use crate::select::SelectMode;
 
+/// The scores a [`select::Selector`] asks for, computed on demand for one prepared question:
+/// the heuristic's from the chunk source (a chunk cache holds them) or the decoder, the policy's
+/// over the projected embeddings of every chunk, which are kept so that the chunks left
+/// compressed are not embedded twice.
+struct Scores<'a> {
+    refrag: &'a Refrag,
+    prep: &'a Prepared,
+    source: &'a dyn ChunkSource,
+    times: &'a mut StageTimes,
+    embeds: Option<Tensor>,
+}
+
+impl select::ChunkScores for Scores<'_> {
+    fn chunks(&self) -> usize {
+        self.prep.layout.chunks.len()
+    }
+
+    fn heuristic(&mut self) -> Result<Vec<f32>> {
+        let t = Instant::now();
+        let s = match self.source.scores(self.prep) {
+            Some(s) => s,
+            None => self.refrag.layout_scores(&self.prep.layout)?,
+        };
+        crate::device::sync(&self.refrag.device)?;
+        self.times.selection += t.elapsed().as_secs_f64();
+        Ok(s)
+    }
+
+    fn policy(&mut self) -> Result<Vec<f32>> {
+        let r = self.refrag;
+        let Some(policy) = &r.policy else {
+            bail!("--select policy needs a trained policy in --load_dir (train_policy writes one)");
+        };
+        let all: Vec<usize> = (0..self.chunks()).collect();
+        let e = r.timed_embed(self.prep, &all, self.source, self.times)?;
+        let t = Instant::now();
+        let q = r.question_vector(&self.prep.question)?;
+        let pos = r.policy_features(self.prep)?;
+        let s: Vec<f32> = policy
+            .scores(&e, &q, &pos)?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
+        self.times.selection += t.elapsed().as_secs_f64();
+        self.embeds = Some(e);
+        Ok(s)
+    }
+}
+
 /// Seconds spent in each stage before the first token.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StageTimes {
@@ -207,9 +255,10 @@ impl Refrag {
         })
     }
 
-    /// Choose the chunks to expand, and return with the mask the projected embeddings `(L, d)`
-    /// of the chunks that need one (rows of expanded chunks are zero). Times encoding,
-    /// projection and selection into `times`.
+    /// Choose the chunks to expand with `mode`'s [`select::Selector`], and return with the mask
+    /// the projected embeddings `(L, d)` of the chunks that need one (the prefill reads only the
+    /// compressed chunks' rows: the others are zero, or the policy's embeddings). Times encoding, projection and selection (the scores the selector asks for)
+    /// into `times`.
     pub fn select_and_embed(
         &self,
         prep: &Prepared,
@@ -220,38 +269,24 @@ impl Refrag {
         times: &mut StageTimes,
     ) -> Result<(Vec<bool>, Option<Tensor>)> {
         let l = prep.layout.chunks.len();
-        let all: Vec<usize> = (0..l).collect();
-        let mut embeds = None;
-        let t = Instant::now();
-        let scores = match mode {
-            SelectMode::Heuristic => Some(match source.scores(prep) {
-                Some(s) => s,
-                None => self.layout_scores(&prep.layout)?,
-            }),
-            SelectMode::Policy => {
-                let Some(policy) = &self.policy else {
-                    bail!("--select policy needs a trained policy in --load_dir (train_policy writes one)");
-                };
-                let e = self.timed_embed(prep, &all, source, times)?;
-                let t = Instant::now();
-                let q = self.question_vector(&prep.question)?;
-                let pos = self.policy_features(prep)?;
-                let s: Vec<f32> = policy
-                    .scores(&e, &q, &pos)?
-                    .to_dtype(DType::F32)?
-                    .to_vec1()?;
-                embeds = Some(e);
-                times.selection += t.elapsed().as_secs_f64();
-                Some(s)
-            }
-            _ => None,
+        let mut scores = Scores {
+            refrag: self,
+            prep,
+            source,
+            times,
+            embeds: None,
         };
-        if mode != SelectMode::Policy {
-            crate::device::sync(&self.device)?;
-            times.selection += t.elapsed().as_secs_f64();
+        let mask = mode.selector().mask(&mut scores, p, seed)?;
+        if mask.len() != l {
+            bail!(
+                "{mode:?} selection gave {} flags for {l} chunks",
+                mask.len()
+            );
         }
-        let mask = select::expansion_mask(mode, p, scores.as_deref(), l, seed)?;
-        let compressed: Vec<usize> = all.iter().copied().filter(|&i| !mask[i]).collect();
+        let Scores {
+            times, mut embeds, ..
+        } = scores;
+        let compressed: Vec<usize> = (0..l).filter(|&i| !mask[i]).collect();
         if embeds.is_none() && !compressed.is_empty() {
             let e = self.timed_embed(prep, &compressed, source, times)?;
             // Scatter the compressed rows into an (L, d) table; expanded rows stay zero.

@@ -80,29 +80,91 @@ pub fn resolve_mode(select: Option<SelectMode>, heuristic: bool, have_policy: bo
     }
 }
 
-/// The expansion mask for `mode`, given per-chunk scores where the mode needs them (heuristic:
-/// perplexities; policy: the policy's scores). Fails when a scored mode has no scores, or
-/// scores of another length than `chunks`.
-pub fn expansion_mask(
-    mode: SelectMode,
-    p: f64,
-    scores: Option<&[f32]>,
-    chunks: usize,
-    seed: u64,
-) -> anyhow::Result<Vec<bool>> {
-    Ok(match mode {
-        SelectMode::None => vec![false; chunks],
-        SelectMode::All => vec![true; chunks],
-        SelectMode::Random => random_n(chunks, num_expand(p, chunks), seed),
-        SelectMode::Heuristic | SelectMode::Policy => match scores {
-            Some(s) if s.len() == chunks => top_n(s, num_expand(p, chunks)),
-            Some(s) => anyhow::bail!(
-                "{mode:?} selection got {} scores for {chunks} chunks",
-                s.len()
-            ),
-            None => anyhow::bail!("{mode:?} selection needs a score per chunk"),
-        },
-    })
+/// What a [`Selector`] may ask about one question's chunks. Scores are computed when asked
+/// (the heuristic costs decoder passes, the policy the chunks' projected embeddings), so a
+/// selector that needs none costs nothing.
+pub trait ChunkScores {
+    /// Chunks in the question's layout.
+    fn chunks(&self) -> usize;
+    /// The perplexity heuristic's score of each chunk (higher: expand first).
+    fn heuristic(&mut self) -> anyhow::Result<Vec<f32>>;
+    /// The trained policy's score of each chunk (higher: expand first).
+    fn policy(&mut self) -> anyhow::Result<Vec<f32>>;
+}
+
+/// A rule that chooses which chunks to expand: a mask over the chunks, `round(p * L)` of them
+/// for the budgeted rules. `generate`, `eval`, `bench` and `chat` reach every rule through
+/// this one seam ([`SelectMode::selector`]); a new rule is a new implementation.
+pub trait Selector: Sync {
+    /// The expansion mask over `scores.chunks()` chunks at expansion fraction `p`.
+    fn mask(&self, scores: &mut dyn ChunkScores, p: f64, seed: u64) -> anyhow::Result<Vec<bool>>;
+}
+
+/// Expand nothing (every chunk compressed; `eval`'s compressed and no-context modes).
+pub struct ExpandNone;
+/// Expand everything (full context).
+pub struct ExpandAll;
+/// `round(p * L)` chunks uniformly at random.
+pub struct RandomChunks;
+/// The `round(p * L)` chunks with the highest heuristic scores.
+pub struct HeuristicTop;
+/// The `round(p * L)` chunks with the highest policy scores.
+pub struct PolicyTop;
+
+impl Selector for ExpandNone {
+    fn mask(&self, s: &mut dyn ChunkScores, _p: f64, _seed: u64) -> anyhow::Result<Vec<bool>> {
+        Ok(vec![false; s.chunks()])
+    }
+}
+
+impl Selector for ExpandAll {
+    fn mask(&self, s: &mut dyn ChunkScores, _p: f64, _seed: u64) -> anyhow::Result<Vec<bool>> {
+        Ok(vec![true; s.chunks()])
+    }
+}
+
+impl Selector for RandomChunks {
+    fn mask(&self, s: &mut dyn ChunkScores, p: f64, seed: u64) -> anyhow::Result<Vec<bool>> {
+        let l = s.chunks();
+        Ok(random_n(l, num_expand(p, l), seed))
+    }
+}
+
+/// The top `round(p * L)` of per-chunk `scores`, which must number `l`.
+fn top_scored(name: &str, scores: Vec<f32>, l: usize, p: f64) -> anyhow::Result<Vec<bool>> {
+    anyhow::ensure!(
+        scores.len() == l,
+        "{name} selection got {} scores for {l} chunks",
+        scores.len()
+    );
+    Ok(top_n(&scores, num_expand(p, l)))
+}
+
+impl Selector for HeuristicTop {
+    fn mask(&self, s: &mut dyn ChunkScores, p: f64, _seed: u64) -> anyhow::Result<Vec<bool>> {
+        let l = s.chunks();
+        top_scored("heuristic", s.heuristic()?, l, p)
+    }
+}
+
+impl Selector for PolicyTop {
+    fn mask(&self, s: &mut dyn ChunkScores, p: f64, _seed: u64) -> anyhow::Result<Vec<bool>> {
+        let l = s.chunks();
+        top_scored("policy", s.policy()?, l, p)
+    }
+}
+
+impl SelectMode {
+    /// The rule behind this `--select` value.
+    pub fn selector(self) -> &'static dyn Selector {
+        match self {
+            SelectMode::None => &ExpandNone,
+            SelectMode::All => &ExpandAll,
+            SelectMode::Random => &RandomChunks,
+            SelectMode::Heuristic => &HeuristicTop,
+            SelectMode::Policy => &PolicyTop,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -171,13 +233,80 @@ mod tests {
         );
     }
 
+    /// Fixed scores that count how often each is asked for.
+    struct Fixed {
+        chunks: usize,
+        heuristic: Result<Vec<f32>, String>,
+        policy: Result<Vec<f32>, String>,
+        asked: (usize, usize),
+    }
+
+    impl Fixed {
+        fn new(heuristic: Vec<f32>, policy: Vec<f32>) -> Self {
+            Self {
+                chunks: heuristic.len(),
+                heuristic: Ok(heuristic),
+                policy: Ok(policy),
+                asked: (0, 0),
+            }
+        }
+    }
+
+    impl ChunkScores for Fixed {
+        fn chunks(&self) -> usize {
+            self.chunks
+        }
+        fn heuristic(&mut self) -> anyhow::Result<Vec<f32>> {
+            self.asked.0 += 1;
+            self.heuristic.clone().map_err(anyhow::Error::msg)
+        }
+        fn policy(&mut self) -> anyhow::Result<Vec<f32>> {
+            self.asked.1 += 1;
+            self.policy.clone().map_err(anyhow::Error::msg)
+        }
+    }
+
     #[test]
-    fn p_one_expands_everything() {
-        let m = expansion_mask(SelectMode::Heuristic, 1.0, Some(&[0.0; 6]), 6, 0).unwrap();
-        assert!(m.iter().all(|&x| x));
-        // A scored mode without scores, or with the wrong number, is an error, not a panic.
-        assert!(expansion_mask(SelectMode::Policy, 0.5, None, 6, 0).is_err());
-        assert!(expansion_mask(SelectMode::Policy, 0.5, Some(&[0.0; 5]), 6, 0).is_err());
+    fn each_selector_asks_only_for_what_it_needs() {
+        let h = vec![0.1, 0.9, 0.5, 0.2];
+        let pol = vec![0.8, 0.1, 0.2, 0.7];
+        let run = |mode: SelectMode, p: f64| {
+            let mut s = Fixed::new(h.clone(), pol.clone());
+            let m = mode.selector().mask(&mut s, p, 3).unwrap();
+            (m, s.asked)
+        };
+        assert_eq!(run(SelectMode::None, 0.5), (vec![false; 4], (0, 0)));
+        assert_eq!(run(SelectMode::All, 0.0), (vec![true; 4], (0, 0)));
+        let (m, asked) = run(SelectMode::Random, 0.5);
+        assert_eq!((m.iter().filter(|&&x| x).count(), asked), (2, (0, 0)));
+        assert_eq!(m, random_n(4, 2, 3));
+        assert_eq!(
+            run(SelectMode::Heuristic, 0.5),
+            (vec![false, true, true, false], (1, 0))
+        );
+        assert_eq!(
+            run(SelectMode::Policy, 0.5),
+            (vec![true, false, false, true], (0, 1))
+        );
+        // p = 1 expands every chunk whatever the scores.
+        assert_eq!(run(SelectMode::Heuristic, 1.0).0, vec![true; 4]);
+    }
+
+    #[test]
+    fn scored_selectors_fail_on_missing_or_miscounted_scores() {
+        let mut s = Fixed::new(vec![0.0; 6], vec![0.0; 5]);
+        let e = SelectMode::Policy
+            .selector()
+            .mask(&mut s, 0.5, 0)
+            .unwrap_err();
+        assert!(e.to_string().contains("5 scores for 6 chunks"), "{e}");
+        s.heuristic = Err("needs a trained policy".into());
+        assert!(SelectMode::Heuristic
+            .selector()
+            .mask(&mut s, 0.5, 0)
+            .is_err());
+        // No scores asked, no error.
+        assert!(SelectMode::Random.selector().mask(&mut s, 0.5, 0).is_ok());
     }
 
     #[test]
