@@ -16,7 +16,7 @@ mod train;
 
 use range::{non_negative_f64, open_unit_interval, positive_f64, positive_usize, unit_interval};
 
-pub use train::{CptArgs, PolicyCompressArgs, SftArgs, TrainArgs, TrainPolicyArgs};
+pub use train::{CptArgs, PolicyCompressArgs, QaDataArgs, SftArgs, TrainArgs, TrainPolicyArgs};
 
 /// REFRAG-style retrieval-augmented generation: compress, sense/select, expand.
 #[derive(Debug, Parser)]

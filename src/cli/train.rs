@@ -134,9 +134,11 @@ pub struct PolicyCompressArgs {
     pub load_dir: Option<PathBuf>,
 }
 
+/// The question/answer pairs `sft` and `train_policy` train on, the retrieval over them and the
+/// models, flags the two share.
 #[derive(Debug, Clone, Args)]
-pub struct TrainPolicyArgs {
-    /// JSONL of question/answer pairs (`question`, `answers`).
+pub struct QaDataArgs {
+    /// JSONL of question/answer pairs (`question`, `answers`; sft's target is the first answer).
     #[arg(long = "rag_json", alias = "rag-json")]
     pub rag_json: PathBuf,
     #[command(flatten)]
@@ -147,6 +149,12 @@ pub struct TrainPolicyArgs {
     pub embed: EmbedModelArg,
     #[command(flatten)]
     pub models: EncDecArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainPolicyArgs {
+    #[command(flatten)]
+    pub qa: QaDataArgs,
     #[command(flatten)]
     pub compress: PolicyCompressArgs,
     /// Hidden width of the policy network.
@@ -167,17 +175,8 @@ pub struct TrainPolicyArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct SftArgs {
-    /// JSONL of question/answer pairs (`question`, `answers`; the first answer is the target).
-    #[arg(long = "rag_json", alias = "rag-json")]
-    pub rag_json: PathBuf,
     #[command(flatten)]
-    pub retrieve: RetrieveArgs,
-    #[command(flatten)]
-    pub answerable: AnswerableArg,
-    #[command(flatten)]
-    pub embed: EmbedModelArg,
-    #[command(flatten)]
-    pub models: EncDecArgs,
+    pub qa: QaDataArgs,
     /// Decoder tokens per chunk.
     #[arg(long, default_value_t = 16, value_parser = positive_usize)]
     pub k: usize,

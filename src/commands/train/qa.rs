@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 
 use super::{out_dir_and_resume, Sources};
-use crate::cli::{AnswerableArg, EmbedModelArg, EncDecArgs, RetrieveArgs, RuntimeArgs, TrainArgs};
+use crate::cli::{QaDataArgs, RuntimeArgs, TrainArgs};
 use crate::device;
 use crate::retrieval::search::Retriever;
 use crate::train::parts::TrainState;
@@ -16,11 +16,7 @@ use crate::train::qa::{QaData, QaLayoutArgs};
 pub(super) struct QaFlags<'a> {
     pub(super) train: &'a TrainArgs,
     pub(super) runtime: &'a RuntimeArgs,
-    pub(super) models: &'a EncDecArgs,
-    pub(super) rag_json: &'a Path,
-    pub(super) retrieve: &'a RetrieveArgs,
-    pub(super) embed: &'a EmbedModelArg,
-    pub(super) answerable: &'a AnswerableArg,
+    pub(super) qa: &'a QaDataArgs,
     pub(super) k: usize,
     pub(super) ctx_max: usize,
     pub(super) load_dir: Option<&'a Path>,
@@ -49,26 +45,29 @@ impl QaSetup {
             None => f.load_dir.map(Path::to_path_buf),
         };
         let src = Sources::resolve(
-            f.models.enc.as_deref(),
-            f.models.dec.as_deref(),
+            f.qa.models.enc.as_deref(),
+            f.qa.models.dec.as_deref(),
             None,
             start.as_deref(),
         )?;
         src.warn_k(f.k);
         let dev = device::select(f.runtime.device)?;
-        let mut data = QaData::load(f.rag_json, f.train.eval_items)?;
-        let retriever =
-            Retriever::open(&f.retrieve.index_dir, f.embed.embed_model.as_deref(), &dev)?;
+        let mut data = QaData::load(&f.qa.rag_json, f.train.eval_items)?;
+        let retriever = Retriever::open(
+            &f.qa.retrieve.index_dir,
+            f.qa.embed.embed_model.as_deref(),
+            &dev,
+        )?;
         let layout = QaLayoutArgs {
-            topk: f.retrieve.topk,
-            mode: f.retrieve.retrieval,
+            topk: f.qa.retrieve.topk,
+            mode: f.qa.retrieve.retrieval,
             k: f.k,
             ctx_max: f.ctx_max,
         };
-        if !f.answerable.keep_unanswerable {
+        if !f.qa.answerable.keep_unanswerable {
             let (kept, of) = data
                 .keep_answerable(&retriever, &layout)
-                .with_context(|| format!("--rag_json {}", f.rag_json.display()))?;
+                .with_context(|| format!("--rag_json {}", f.qa.rag_json.display()))?;
             eprintln!(
                 "refrag: {stage}: {kept} of the {of} pairs train and {} are held out; the rest \
                  have no gold answer in their retrieved passages (--keep_unanswerable keeps them)",
