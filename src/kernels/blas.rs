@@ -16,12 +16,10 @@ use candle_nn::Linear;
 mod attention;
 mod decode_attention;
 pub mod encoder_layer;
-mod padded_attention;
 mod softmax;
 pub mod threads;
 
 pub use attention::{causal_attention, causal_attention_blocked, FEW_ROWS};
-pub use padded_attention::padded_attention;
 pub use softmax::{log_sum_exp_rows, softmax_in_place};
 
 /// `x W^T (+ b)` for a linear layer whose weight is `(out, in)`; `x` is `(.., in)`.

@@ -537,34 +537,21 @@ mod tests {
         let packed = m.forward_with(&b.ids, &b.type_ids, &b.mask, true).unwrap();
         let plain = m.forward_with(&b.ids, &b.type_ids, &b.mask, false).unwrap();
         // Real rows agree; the packed path leaves padding rows zero (pooling masks them).
-        let mask = b.mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
-        let diff = ((packed.broadcast_mul(&mask).unwrap() - plain.broadcast_mul(&mask).unwrap())
-            .unwrap())
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-        assert!(diff < 1e-5, "packed vs tensor ops: {diff}");
-        let pad = (packed.broadcast_mul(&(1.0 - &mask).unwrap()).unwrap())
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(pad, 0.0);
-        assert!(
-            plain
-                .abs()
+        let max_abs = |t: Tensor| -> f32 {
+            t.abs()
                 .unwrap()
                 .max_all()
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap()
-                > 0.1
-        );
+        };
+        let real = b.mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+        let pad = (1.0 - &real).unwrap();
+        let on = |t: &Tensor, m: &Tensor| t.broadcast_mul(m).unwrap();
+        let diff = max_abs((on(&packed, &real) - on(&plain, &real)).unwrap());
+        assert!(diff < 1e-5, "packed vs tensor ops: {diff}");
+        assert_eq!(max_abs(on(&packed, &pad)), 0.0);
+        assert!(max_abs(plain) > 0.1);
     }
 
     #[test]

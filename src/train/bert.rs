@@ -3,8 +3,8 @@
 //! backward pass, so gradients would stop at the first LayerNorm; this is the same network (same
 //! parameter names, same maths, HF `modeling_bert.py`) with every linear layer through the
 //! system BLAS and the fused LayerNorm and GELU (CPU, f32). Without gradients (the retrieval
-//! embedder and the chunk encoder at inference, [`crate::retrieval::embed::BertEmbedder`]) attention is
-//! one fused op over each sequence's real tokens ([`blas::padded_attention`]).
+//! embedder and the chunk encoder at inference, [`crate::retrieval::embed::BertEmbedder`]) the
+//! layers run over each sequence's real tokens only ([`encoder_layer`]).
 
 use crate::kernels::blas::encoder_layer;
 use crate::kernels::{blas, fused};
@@ -144,24 +144,16 @@ impl Layer {
             .contiguous()
     }
 
-    /// `x` `(b, s, h)`, `mask` additive `(b, 1, 1, s)`; `lens` the real tokens of each sequence
-    /// when they come first (right padding), which lets inference skip the padding.
-    fn forward(&self, x: &Tensor, mask: &Tensor, lens: Option<&[usize]>) -> Result<Tensor> {
+    /// `x` `(b, s, h)`, `mask` additive `(b, 1, 1, s)`.
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let q = self.split(blas::linear(&self.query, x)?)?;
         let k = self.split(blas::linear(&self.key, x)?)?;
         let v = self.split(blas::linear(&self.value, x)?)?;
         let scale = 1.0 / ((h / self.heads) as f64).sqrt();
-        let ctx = match lens {
-            Some(lens) if !q.track_op() && fused::usable(&q) => {
-                blas::padded_attention(&q, &k, &v, lens, scale as f32)?.reshape((b, s, h))?
-            }
-            _ => {
-                let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (b, heads, s, s)
-                let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-                att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?
-            }
-        };
+        let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (b, heads, s, s)
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
         let x = self
             .attn_norm
             .forward(&(blas::linear(&self.attn_out, &ctx)? + x)?)?;
@@ -232,20 +224,17 @@ impl TrainBert {
         let add = ((m.ones_like()? - &m)? * f64::from(f32::MIN))?
             .unsqueeze(1)?
             .unsqueeze(1)?;
-        // Only the CPU f32 attention can use the lengths; elsewhere reading the mask back
-        // would cost a device sync per forward. Each layer decides whether it needs gradients.
-        let lens = if fused::usable(&x) {
-            prefix_lengths(&mask.to_dtype(DType::U32)?.to_vec2::<u32>()?)
-        } else {
-            None
-        };
-        if let (true, Some(lens)) = (packed, &lens) {
-            if let Some(y) = self.packed_layers(&x, lens)? {
-                return Ok(y);
+        // Only the packed CPU f32 layers use the lengths; elsewhere reading the mask back
+        // would cost a device sync per forward.
+        if packed && fused::usable(&x) && !x.track_op() {
+            if let Some(lens) = prefix_lengths(&mask.to_dtype(DType::U32)?.to_vec2::<u32>()?) {
+                if let Some(y) = self.packed_layers(&x, &lens)? {
+                    return Ok(y);
+                }
             }
         }
         for layer in &self.layers {
-            x = layer.forward(&x, &add, lens.as_deref())?;
+            x = layer.forward(&x, &add)?;
         }
         Ok(x)
     }
