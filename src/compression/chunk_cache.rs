@@ -20,10 +20,6 @@ use crate::pipeline;
 pub const CACHE_FILE: &str = "chunks.safetensors";
 pub const META_FILE: &str = "chunks.json";
 
-/// Passages scored per decoder pass while building the cache (batches of 8 measured slower on a
-/// 2-core CPU than one passage at a time; worth re-measuring on a GPU).
-const SCORE_BATCH: usize = 1;
-
 /// What built the cache.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkCacheMeta {
@@ -57,33 +53,36 @@ impl ChunkCache {
         k: usize,
         mut progress: impl FnMut(usize),
     ) -> Result<Self> {
+        let chunked: Vec<Vec<Vec<u32>>> = passages
+            .iter()
+            .map(|p| Ok(chunk_tokens(&dtok.encode(p, false)?, k)))
+            .collect::<Result<_>>()?;
+        // One decoder pass per passage (the heuristic's scores), passages side by side.
+        let mut per_passage: Vec<Vec<f32>> = vec![Vec::new(); passages.len()];
+        crate::kernels::blas::threads::side_by_side(
+            passages.len(),
+            |i| pipeline::chunk_scores_batch(decoder, dtok, &chunked[i..i + 1]),
+            |i, s| {
+                per_passage[i] = s?.pop().unwrap_or_default();
+                progress(1);
+                Ok(())
+            },
+        )?;
         let mut chunk_offsets = vec![0u32];
         let mut token_offsets = vec![0u32];
         let mut tokens = Vec::new();
-        let mut scores = Vec::new();
-        let mut vectors = Vec::new();
-        // Groups of passages share one decoder pass (scores) and one encoder batch (vectors).
-        for group in passages.chunks(SCORE_BATCH) {
-            let chunked: Vec<Vec<Vec<u32>>> = group
-                .iter()
-                .map(|p| Ok(chunk_tokens(&dtok.encode(p, false)?, k)))
-                .collect::<Result<_>>()?;
-            for s in pipeline::chunk_scores_batch(decoder, dtok, &chunked)? {
-                scores.extend(s);
+        let mut texts = Vec::new();
+        for chunks in &chunked {
+            for c in chunks {
+                texts.push(dtok.decode(c)?);
+                tokens.extend_from_slice(c);
+                token_offsets.push(tokens.len() as u32);
             }
-            let mut texts = Vec::new();
-            for chunks in &chunked {
-                for c in chunks {
-                    texts.push(dtok.decode(c)?);
-                    tokens.extend_from_slice(c);
-                    token_offsets.push(tokens.len() as u32);
-                }
-                chunk_offsets.push(token_offsets.len() as u32 - 1);
-            }
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            vectors.push(encoder.encode(&refs, 64)?);
-            progress(group.len());
+            chunk_offsets.push(token_offsets.len() as u32 - 1);
         }
+        let scores = per_passage.concat();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let vectors = vec![encoder.encode(&refs, 64)?];
         let vectors = Tensor::cat(&vectors, 0)?.to_device(&Device::Cpu)?;
         let meta = ChunkCacheMeta {
             encoder: meta_names.0.to_string(),

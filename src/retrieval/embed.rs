@@ -6,8 +6,6 @@
 //! run the encoder ([`BertEmbedder::hidden_states`]) and pool ([`pool`]).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
@@ -413,37 +411,20 @@ impl BertEmbedder {
                 TokenBatch::from_encodings(&refs, self.config.pad_token_id as u32, &self.device)?;
             Ok(self.embed_tokens(&batch)?.to_vec2::<f32>()?)
         };
-        let side_by_side = match self.model {
-            Network::Blas(_) if batches.len() > 1 => blas::threads::one_thread(),
-            _ => None,
-        };
-        let Some((workers, _one_thread)) = side_by_side else {
+        if !matches!(self.model, Network::Blas(_)) {
             for chunk in batches {
                 place(chunk, embed(chunk)?);
             }
             return Ok(out);
-        };
-        let next = AtomicUsize::new(0);
-        let (tx, rx) = mpsc::channel();
-        std::thread::scope(|s| -> Result<()> {
-            for _ in 0..workers.min(batches.len()) {
-                let tx = tx.clone();
-                let (next, batches, embed) = (&next, &batches, &embed);
-                s.spawn(move || loop {
-                    let b = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(chunk) = batches.get(b) else { break };
-                    // A closed channel means the caller stopped at an error: stop too.
-                    if tx.send((b, embed(chunk))).is_err() {
-                        break;
-                    }
-                });
-            }
-            drop(tx);
-            for (b, rows) in rx {
+        }
+        blas::threads::side_by_side(
+            batches.len(),
+            |b| embed(batches[b]),
+            |b, rows| {
                 place(batches[b], rows?);
-            }
-            Ok(())
-        })?;
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 }

@@ -8,7 +8,8 @@
 //! linked to another BLAS (Accelerate, reference BLAS) finds none and runs as before.
 
 use std::os::raw::c_int;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex, OnceLock};
 
 type GetThreads = unsafe extern "C" fn() -> c_int;
 type SetThreads = unsafe extern "C" fn(c_int);
@@ -80,6 +81,44 @@ pub fn one_thread() -> Option<(usize, OneThread)> {
     Some((held.1 as usize, OneThread { set }))
 }
 
+/// Run `work` on items `0..n` side by side, one item per worker and as many workers as the BLAS
+/// had threads, each product on its worker's thread ([`one_thread`]); `done` gets each result
+/// on the caller's thread as it comes (in any order) and may stop the run with an error. Where
+/// the BLAS's threads cannot be set, or `n < 2`, the items run one by one in order.
+pub fn side_by_side<T: Send>(
+    n: usize,
+    work: impl Fn(usize) -> T + Sync,
+    mut done: impl FnMut(usize, T) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let guard = if n > 1 { one_thread() } else { None };
+    let Some((workers, _one_thread)) = guard else {
+        for i in 0..n {
+            done(i, work(i))?;
+        }
+        return Ok(());
+    };
+    let next = AtomicUsize::new(0);
+    let (tx, rx) = mpsc::channel();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        for _ in 0..workers.min(n) {
+            let tx = tx.clone();
+            let (next, work) = (&next, &work);
+            s.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                // A closed channel means the caller stopped at an error: stop too.
+                if i >= n || tx.send((i, work(i))).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        for (i, r) in rx {
+            done(i, r)?;
+        }
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +140,30 @@ mod tests {
         drop(b);
         let others = HELD.lock().unwrap();
         assert!(others.0 > 0 || threads() == Some(workers));
+    }
+
+    #[test]
+    fn side_by_side_gives_every_result_once_and_stops_at_an_error() {
+        let mut got = vec![0usize; 9];
+        side_by_side(
+            9,
+            |i| i * i,
+            |i, v| {
+                got[i] += 1;
+                assert_eq!(v, i * i);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(got, vec![1; 9]);
+        let e = side_by_side(
+            9,
+            |i| i,
+            |i, _| {
+                anyhow::ensure!(i != 4, "item 4");
+                Ok(())
+            },
+        );
+        assert_eq!(e.unwrap_err().to_string(), "item 4");
     }
 }
