@@ -257,8 +257,8 @@ impl Refrag {
 
     /// Choose the chunks to expand with `mode`'s [`select::Selector`], and return with the mask
     /// the projected embeddings `(L, d)` of the chunks that need one (the prefill reads only the
-    /// compressed chunks' rows: the others are zero, or the policy's embeddings). Times encoding, projection and selection (the scores the selector asks for)
-    /// into `times`.
+    /// compressed chunks' rows: the others are zero, or the policy's embeddings). Times
+    /// encoding, projection and selection (the scores the selector asks for) into `times`.
     pub fn select_and_embed(
         &self,
         prep: &Prepared,

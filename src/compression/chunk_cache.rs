@@ -82,8 +82,7 @@ impl ChunkCache {
         }
         let scores = per_passage.concat();
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let vectors = vec![encoder.encode(&refs, 64)?];
-        let vectors = Tensor::cat(&vectors, 0)?.to_device(&Device::Cpu)?;
+        let vectors = encoder.encode(&refs, 64)?.to_device(&Device::Cpu)?;
         let meta = ChunkCacheMeta {
             encoder: meta_names.0.to_string(),
             decoder: meta_names.1.to_string(),
