@@ -30,7 +30,7 @@ use refrag::train::qa::{answer_chunks, qa_layout, QaData, QaLayoutArgs};
 use refrag::train::run::{self, LoopConfig, Micro, Outcome, Task};
 use refrag::train::schedule::{step_rng, Curriculum, LrSchedule};
 use refrag::train::seq::Seq;
-use refrag::train::sft::SftTask;
+use refrag::train::sft::{NextMix, SftTask};
 use serde_json::Value;
 use train_fixture::{cpt_items, passage, qa_pairs, Fixture};
 
@@ -110,7 +110,20 @@ fn sft_task(f: &Fixture) -> SftTask {
         eval_batch: 2,
         expand_max: 1.0,
         gold_expand: 0.0,
+        next: None,
     }
+}
+
+/// `sft_task` with next-paragraph sequences of the CPT items mixed in at `weight`.
+fn mixed_sft_task(f: &Fixture, weight: f64) -> SftTask {
+    let mut t = sft_task(f);
+    let data = CptData::from_items(&cpt_items(8), &t.dec.tok, 0, None, None).unwrap();
+    t.next = Some(NextMix {
+        data,
+        expand_frac: 0.25,
+        weight,
+    });
+    t
 }
 
 /// The loss of items 0 and 1 with a fixed generator, before and after one AdamW step on it.
@@ -148,6 +161,33 @@ fn one_step_lowers_the_answer_loss() {
     let f = Fixture::new();
     let (a, b) = losses_around_one_step(&mut sft_task(&f), 1e-4);
     assert!(b < a, "sft: {a} -> {b}");
+}
+
+#[test]
+fn mixed_next_paragraph_loss_adds_to_the_answer_loss_at_its_weight() {
+    let f = Fixture::new();
+    let micro = |mut t: SftTask| t.micro(&[0, 1], &mut step_rng(3, 1)).unwrap().unwrap();
+    let plain = micro(sft_task(&f));
+    let (one, two) = (
+        micro(mixed_sft_task(&f, 1.0)),
+        micro(mixed_sft_task(&f, 2.0)),
+    );
+    let loss = |m: &Micro| m.loss.to_scalar::<f32>().unwrap();
+    let next = one.stats.extra["next_loss"];
+    assert_eq!(next.1, 1.0);
+    assert!(next.0 > 0.0);
+    // The answer part is the unmixed run's (the next-paragraph draws come after its draws).
+    assert_eq!(one.stats.loss, plain.stats.loss);
+    assert!((loss(&one) - loss(&plain) - next.0 as f32).abs() < 1e-4);
+    assert!((loss(&two) - loss(&plain) - 2.0 * next.0 as f32).abs() < 1e-4);
+    assert!(!plain.stats.extra.contains_key("next_loss"));
+}
+
+#[test]
+fn one_step_lowers_the_mixed_sft_loss() {
+    let f = Fixture::new();
+    let (a, b) = losses_around_one_step(&mut mixed_sft_task(&f, 1.0), 1e-4);
+    assert!(b < a, "sft + next: {a} -> {b}");
 }
 
 /// A small seeded policy over six random chunks, a question vector and position features.

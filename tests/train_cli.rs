@@ -424,6 +424,33 @@ fn misuse_fails_in_one_line_naming_the_flag() {
             "1",
         ],
     ));
+    let none = f.s("none.txt");
+    let line = error_line(&f.qa("sft", "mix", &["--load_dir", &recon, "--next_json", &none]));
+    assert!(
+        line.contains("--next_json") && line.contains("no such file"),
+        "{line}"
+    );
+}
+
+#[test]
+fn sft_mixes_next_paragraph_batches_from_text() {
+    let f = Fixture::new();
+    f.index();
+    ok_json(&f.cpt("cpt_recon", "recon", &["--steps", "1", "--eval_items", "0"]));
+    let (recon, text) = (f.s("recon"), f.s("cpt.jsonl"));
+    let args = ["--load_dir", &recon, "--steps", "2", "--log_every", "1"];
+    let mix = [&args[..], &["--next_json", &text, "--next_weight", "0.5"]].concat();
+    ok_json(&f.qa("sft", "mix", &mix));
+    let log = std::fs::read_to_string(f.path("mix").join("train_log.jsonl")).unwrap();
+    let next: Vec<f64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["next_loss"].as_f64())
+        .collect();
+    assert_eq!(next.len(), 2, "{log}");
+    assert!(next.iter().all(|&l| l.is_finite() && l > 0.0), "{log}");
+    ok_json(&f.qa("sft", "plain", &args));
+    let log = std::fs::read_to_string(f.path("plain").join("train_log.jsonl")).unwrap();
+    assert!(!log.contains("next_loss"), "{log}");
 }
 
 /// The bytes of every safetensors file of `dir` (weights and optimiser state), by name.

@@ -204,6 +204,17 @@ pub struct SftArgs {
     /// Learning rate of the decoder [default: --lr].
     #[arg(long = "dec_lr", alias = "dec-lr", value_parser = positive_f64)]
     pub dec_lr: Option<f64>,
+    /// Text to mix next-paragraph training (cpt_next's task, same formats as its --train_json)
+    /// into every micro-batch: as many sequences as questions, their loss added with
+    /// --next_weight, so the decoder keeps reading compressed chunks while it learns to answer.
+    #[arg(long = "next_json", alias = "next-json")]
+    pub next_json: Option<PathBuf>,
+    /// Weight of the mixed next-paragraph loss beside the answer loss.
+    #[arg(long = "next_weight", alias = "next-weight", default_value_t = 1.0, value_parser = positive_f64)]
+    pub next_weight: f64,
+    /// Fraction of the mixed next-paragraph sequences' chunks left expanded.
+    #[arg(long = "next_expand_frac", alias = "next-expand-frac", default_value_t = 0.1, value_parser = unit_interval)]
+    pub next_expand_frac: f64,
     #[command(flatten)]
     pub train: TrainArgs,
     #[command(flatten)]

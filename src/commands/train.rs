@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::cli::{CptArgs, RuntimeArgs, SftArgs, TrainArgs, TrainPolicyArgs};
 use crate::compression::encoder::{embedding_std, parse_pooling, DEFAULT_POOLING};
 use crate::decoder::lora::LoraConfig;
+use crate::decoder::DecoderTokenizer;
 use crate::hub::{self, Role};
 use crate::io::checkpoint::{self, RefragConfig};
 use crate::retrieval::embed::Pooling;
@@ -27,7 +28,7 @@ use crate::train::parts::{self, DecoderTraining, TrainDecoder, TrainState};
 use crate::train::policy::{init_policy_vars, policy_over, PolicyTask};
 use crate::train::run::{self, LoopConfig, Outcome, Task};
 use crate::train::schedule::{Curriculum, LrSchedule};
-use crate::train::sft::SftTask;
+use crate::train::sft::{NextMix, SftTask};
 use crate::{device, pipeline::Refrag};
 
 mod qa;
@@ -344,8 +345,7 @@ pub fn run_cpt(a: &CptArgs, mode: CptMode) -> Result<()> {
     enc.frozen = a.freeze_enc;
     let data = match &a.eval_json {
         Some(e) => {
-            CptData::load_with_eval(&a.train_json, e, &dec.tok, a.train.eval_items, a.s, a.o)
-                .map_err(|err| anyhow::anyhow!("--eval_json {}: {err:#}", e.display()))?
+            CptData::load_with_eval(&a.train_json, e, &dec.tok, a.train.eval_items, a.s, a.o)?
         }
         None => CptData::load(&a.train_json, &dec.tok, a.train.eval_items, a.s, a.o)
             .map_err(|err| anyhow::anyhow!("--train_json {}: {err:#}", a.train_json.display()))?,
@@ -370,6 +370,9 @@ pub fn run_cpt(a: &CptArgs, mode: CptMode) -> Result<()> {
 /// `sft`.
 pub fn run_sft(a: &SftArgs) -> Result<()> {
     validate_train(&a.train)?;
+    if let Some(p) = a.next_json.as_ref().filter(|p| !p.is_file()) {
+        bail!("--next_json {}: no such file", p.display());
+    }
     let q = QaSetup::open(
         "sft",
         QaFlags {
@@ -388,6 +391,14 @@ pub fn run_sft(a: &SftArgs) -> Result<()> {
         a.runtime.seed,
     );
     let (dec, enc) = q.src.load_models(&training, a.runtime.seed, &q.dev)?;
+    let next = match &a.next_json {
+        Some(p) => Some(NextMix {
+            data: next_mix_data(p, &dec.tok)?,
+            expand_frac: a.next_expand_frac,
+            weight: a.next_weight,
+        }),
+        None => None,
+    };
     let lr = a.train.lr.unwrap_or(2e-5);
     let mut task = SftTask {
         enc,
@@ -400,9 +411,24 @@ pub fn run_sft(a: &SftArgs) -> Result<()> {
         eval_batch: a.train.micro_batch,
         expand_max: a.expand_max,
         gold_expand: a.gold_expand,
+        next,
     };
     let cfg = loop_config(&a.train, &a.runtime, lr, q.out_dir, q.resume);
     finish(&mut task, &cfg)
+}
+
+/// The items of `sft --next_json`, every one with a continuation to predict.
+fn next_mix_data(path: &Path, tok: &DecoderTokenizer) -> Result<CptData> {
+    let mut d = CptData::load(path, tok, 0, None, None)
+        .map_err(|e| anyhow::anyhow!("--next_json {}: {e:#}", path.display()))?;
+    d.train.retain(|&i| d.o[i] > 0);
+    if d.train.is_empty() {
+        bail!(
+            "--next_json {}: no item has continuation tokens after its context",
+            path.display()
+        );
+    }
+    Ok(d)
 }
 
 /// The policy's variables: from the starting weights when they hold a policy of this width

@@ -56,11 +56,11 @@ impl CptData {
     ) -> Result<Self> {
         let items = read_items(path, dtok, s_cap, o_cap)?;
         Self::from_tokenized(items, eval_items, s_cap, o_cap)
-            .map_err(|e| anyhow::anyhow!("--train_json {}: {e:#}", path.display()))
     }
 
     /// Train on every item of `train`, hold out the first `eval_items` items of `eval` (a file
-    /// of the same kinds, such as whole articles no training step sees).
+    /// of the same kinds, such as whole articles no training step sees). Errors name the file
+    /// and its flag (`--train_json` / `--eval_json`).
     pub fn load_with_eval(
         train: &Path,
         eval: &Path,
@@ -69,9 +69,14 @@ impl CptData {
         s_cap: Option<usize>,
         o_cap: Option<usize>,
     ) -> Result<Self> {
-        let mut items = read_items(train, dtok, s_cap, o_cap)?;
+        let named = |flag: &str, p: &Path, e: anyhow::Error| {
+            anyhow::anyhow!("{flag} {}: {e:#}", p.display())
+        };
+        let mut items =
+            read_items(train, dtok, s_cap, o_cap).map_err(|e| named("--train_json", train, e))?;
         let n_train = items.len();
-        let held = read_items(eval, dtok, s_cap, o_cap)?;
+        let held =
+            read_items(eval, dtok, s_cap, o_cap).map_err(|e| named("--eval_json", eval, e))?;
         let n_eval = eval_items.min(held.len());
         items.extend(held.into_iter().take(n_eval));
         let mut d = Self::from_tokenized(items, n_eval, s_cap, o_cap)?;
@@ -191,9 +196,26 @@ fn text_items(
         items.push((t, Split { s, o }));
     }
     if items.is_empty() {
-        bail!("--train_json {}: no paragraphs", path.display());
+        bail!("no paragraphs of {MIN_TEXT_TOKENS} or more decoder tokens");
     }
     Ok(items)
+}
+
+/// The next-paragraph sequence of item `i` of `data`: its `s` context tokens compressed into
+/// chunks of `k`, a random `expand_frac` of them (drawn with `seed`) left expanded, and its `o`
+/// continuation tokens as the target.
+pub fn next_seq(
+    data: &CptData,
+    i: usize,
+    k: usize,
+    expand_frac: f64,
+    bos: Option<u32>,
+    seed: u64,
+) -> Seq {
+    let (t, s, o) = (&data.tokens[i], data.s[i], data.o[i]);
+    let l = s.div_ceil(k);
+    let mask = random_n(l, num_expand(expand_frac, l), seed);
+    Seq::next_paragraph(&t[..s], &t[s..s + o], k, mask, bos)
 }
 
 /// CPT-A or CPT-B.
@@ -258,13 +280,14 @@ impl CptTask {
                 let off = rng.random_range(0..=t.len() - len);
                 Seq::reconstruction(&t[off..off + len], k, self.dec.tok.bos_id())
             }
-            CptMode::Next => {
-                let (s, o) = (self.data.s[i], self.data.o[i]);
-                let l = s.div_ceil(k);
-                let n = num_expand(self.settings.expand_frac, l);
-                let mask = random_n(l, n, rng.random());
-                Seq::next_paragraph(&t[..s], &t[s..s + o], k, mask, self.dec.tok.bos_id())
-            }
+            CptMode::Next => next_seq(
+                &self.data,
+                i,
+                k,
+                self.settings.expand_frac,
+                self.dec.tok.bos_id(),
+                rng.random(),
+            ),
         }
     }
 

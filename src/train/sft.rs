@@ -4,6 +4,9 @@
 //! and the end-of-turn token only. Encoder, projector and (unless frozen) decoder train.
 //! With `gold_expand` > 0, that share of the examples expands the chunks holding the gold answer
 //! first (the rest of the budget at random), as a policy that finds the answer would at inference.
+//! With `next` (`--next_json`), every micro-batch also carries as many next-paragraph sequences
+//! of plain text (CPT-B's task) and adds their loss, weighted: the adapter then keeps reading
+//! compressed chunks while it learns to answer, where `sft` alone trades the one for the other.
 //! Evaluation: answer log-likelihood and token accuracy on held-out pairs at p = 0, 0.25, 1
 //! (random expansions), and at p = 0.25 with the gold answer's chunks expanded first.
 
@@ -13,6 +16,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
+use super::cpt::{next_seq, CptData};
 use super::encoder::TrainEncoder;
 use super::optim::Group;
 use super::parts::{enc_dec_checkpoint, enc_dec_groups, Checkpoint, TrainDecoder};
@@ -36,6 +40,18 @@ pub struct SftTask {
     pub expand_max: f64,
     /// Share of the examples whose expansions take the gold answer's chunks first.
     pub gold_expand: f64,
+    /// Next-paragraph sequences mixed into every micro-batch.
+    pub next: Option<NextMix>,
+}
+
+/// Next-paragraph training mixed into `sft` (`--next_json`).
+pub struct NextMix {
+    /// Plain-text (or CPT JSONL) items; every one of them trains.
+    pub data: CptData,
+    /// Fraction of each sequence's chunks left expanded.
+    pub expand_frac: f64,
+    /// Weight of the next-paragraph loss beside the answer loss.
+    pub weight: f64,
 }
 
 impl SftTask {
@@ -61,6 +77,21 @@ impl SftTask {
             random_n(l, num_expand(p, l), seed)
         };
         answer_seq(&self.dec.tok, layout, mask, pair)
+    }
+
+    /// The mean loss of `n` next-paragraph sequences drawn at random, when mixing is on.
+    fn next_loss(&self, n: usize, rng: &mut ChaCha8Rng) -> Result<Option<Tensor>> {
+        let Some(m) = &self.next else {
+            return Ok(None);
+        };
+        let bos = self.dec.tok.bos_id();
+        let seqs: Vec<Seq> = (0..n)
+            .map(|_| {
+                let i = m.data.train[rng.random_range(0..m.data.train.len())];
+                next_seq(&m.data, i, self.layout.k, m.expand_frac, bos, rng.random())
+            })
+            .collect();
+        Ok(Some(self.forward(&seqs, true)?.loss))
     }
 
     fn forward(&self, seqs: &[Seq], grad: bool) -> Result<SeqOut> {
@@ -106,10 +137,13 @@ impl Task for SftTask {
         for p in fracs {
             stats.note("p", p);
         }
-        Ok(Some(Micro {
-            loss: out.loss,
-            stats,
-        }))
+        let mut loss = out.loss;
+        if let Some(next) = self.next_loss(items.len(), rng)? {
+            stats.note("next_loss", f64::from(next.to_scalar::<f32>()?));
+            let w = self.next.as_ref().map_or(0.0, |m| m.weight);
+            loss = (loss + next.affine(w, 0.0)?)?;
+        }
+        Ok(Some(Micro { loss, stats }))
     }
 
     fn evaluate(&mut self) -> Result<Value> {
