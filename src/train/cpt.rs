@@ -13,7 +13,6 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use candle_core::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
@@ -21,9 +20,9 @@ use serde_json::{json, Value};
 use super::encoder::TrainEncoder;
 use super::optim::Group;
 use super::parts::{enc_dec_checkpoint, enc_dec_groups, Checkpoint, TrainDecoder};
-use super::run::{Micro, Stats, Task};
+use super::run::{Micro, Task};
 use super::schedule::Curriculum;
-use super::seq::{forward_seqs, perplexity, target_counts, weighted_mean, Seq, SeqOut};
+use super::seq::{forward_trained, perplexity, score_trained, Seq, SeqOut};
 use crate::decoder::DecoderTokenizer;
 use crate::io::schema::{CptItem, Split};
 use crate::select::{num_expand, random_n};
@@ -293,28 +292,17 @@ impl CptTask {
 
     /// Forward sequences with the trainable encoder (`grad`) or a detached one.
     pub fn forward(&self, seqs: &[Seq], grad: bool) -> Result<SeqOut> {
-        let embed = |texts: &[&str]| -> Result<Tensor> {
-            let e = self.enc.embed(texts)?;
-            Ok(if grad { e } else { e.detach() })
-        };
-        forward_seqs(&embed, &self.dec.decoder, &self.dec.tok, seqs)
+        forward_trained(&self.enc, &self.dec, seqs, grad)
     }
 
     /// Token accuracy and perplexity of sequences, in batches.
     fn score(&self, seqs: &[Seq]) -> Result<Value> {
-        let (mut nll, mut tokens, mut correct) = (Vec::new(), 0, 0);
-        for b in seqs.chunks(self.settings.eval_batch.max(1)) {
-            let out = self.forward(b, false)?;
-            nll.extend(out.nll);
-            tokens += out.tokens;
-            correct += out.correct;
-        }
-        let mean = weighted_mean(&nll, &target_counts(seqs));
+        let s = score_trained(&self.enc, &self.dec, seqs, self.settings.eval_batch)?;
         Ok(json!({
-            "token_acc": correct as f64 / tokens.max(1) as f64,
-            "ppl": perplexity(mean),
-            "nll": mean,
-            "tokens": tokens,
+            "token_acc": s.accuracy(),
+            "ppl": perplexity(s.nll),
+            "nll": s.nll,
+            "tokens": s.tokens,
         }))
     }
 
@@ -422,13 +410,7 @@ impl Task for CptTask {
             .map(|&i| self.train_seq(i, chunks, rng))
             .collect();
         let out = self.forward(&seqs, true)?;
-        let mut stats = Stats {
-            loss: f64::from(out.loss.to_scalar::<f32>()?),
-            micro: 1,
-            tokens: out.tokens,
-            correct: out.correct,
-            ..Default::default()
-        };
+        let mut stats = out.stats()?;
         if self.settings.mode == CptMode::Recon {
             stats.note("chunks", chunks as f64);
         }

@@ -14,6 +14,9 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
+use super::encoder::TrainEncoder;
+use super::parts::TrainDecoder;
+use super::run::Stats;
 use crate::compression::prompt::{chunk_tokens, PromptLayout, Segment, Template};
 use crate::decoder::{Decoder, DecoderTokenizer, Logits};
 
@@ -277,6 +280,71 @@ fn chunk_tables(
         out.push(Some(table.index_select(&rows, 0)?));
     }
     Ok(out)
+}
+
+impl SeqOut {
+    /// The counts a training micro-batch of these sequences reports.
+    pub fn stats(&self) -> Result<Stats> {
+        Ok(Stats {
+            loss: f64::from(self.loss.to_scalar::<f32>()?),
+            micro: 1,
+            tokens: self.tokens,
+            correct: self.correct,
+            ..Default::default()
+        })
+    }
+}
+
+/// [`forward_seqs`] with the chunks encoded by a training run's encoder and its decoder:
+/// differentiable when `grad`, detached from the encoder otherwise.
+pub fn forward_trained(
+    enc: &TrainEncoder,
+    dec: &TrainDecoder,
+    seqs: &[Seq],
+    grad: bool,
+) -> Result<SeqOut> {
+    let embed = |texts: &[&str]| -> Result<Tensor> {
+        let e = enc.embed(texts)?;
+        Ok(if grad { e } else { e.detach() })
+    };
+    forward_seqs(&embed, &dec.decoder, &dec.tok, seqs)
+}
+
+/// How well a training run's models predict held-out sequences.
+#[derive(Debug, Clone, Copy)]
+pub struct Scored {
+    /// Mean negative log-likelihood over every target.
+    pub nll: f64,
+    pub tokens: usize,
+    /// Targets that were the arg-max prediction.
+    pub correct: usize,
+}
+
+impl Scored {
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.tokens.max(1) as f64
+    }
+}
+
+/// Score `seqs` without gradients, `batch` sequences per forward pass.
+pub fn score_trained(
+    enc: &TrainEncoder,
+    dec: &TrainDecoder,
+    seqs: &[Seq],
+    batch: usize,
+) -> Result<Scored> {
+    let (mut nll, mut tokens, mut correct) = (Vec::new(), 0, 0);
+    for b in seqs.chunks(batch.max(1)) {
+        let out = forward_trained(enc, dec, b, false)?;
+        nll.extend(out.nll);
+        tokens += out.tokens;
+        correct += out.correct;
+    }
+    Ok(Scored {
+        nll: weighted_mean(&nll, &target_counts(seqs)),
+        tokens,
+        correct,
+    })
 }
 
 /// Perplexity of a mean negative log-likelihood.

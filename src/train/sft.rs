@@ -21,8 +21,8 @@ use super::encoder::TrainEncoder;
 use super::optim::Group;
 use super::parts::{enc_dec_checkpoint, enc_dec_groups, Checkpoint, TrainDecoder};
 use super::qa::{answer_chunks, answer_seq, qa_layout, QaData, QaLayoutArgs};
-use super::run::{Micro, Stats, Task};
-use super::seq::{forward_seqs, target_counts, weighted_mean, Seq, SeqOut};
+use super::run::{Micro, Task};
+use super::seq::{forward_trained, score_trained, Seq};
 use crate::retrieval::search::Retrieve;
 use crate::select::{first_then_random, num_expand, random_n};
 
@@ -91,15 +91,9 @@ impl SftTask {
                 next_seq(&m.data, i, self.layout.k, m.expand_frac, bos, rng.random())
             })
             .collect();
-        Ok(Some(self.forward(&seqs, true)?.loss))
-    }
-
-    fn forward(&self, seqs: &[Seq], grad: bool) -> Result<SeqOut> {
-        let embed = |texts: &[&str]| -> Result<Tensor> {
-            let e = self.enc.embed(texts)?;
-            Ok(if grad { e } else { e.detach() })
-        };
-        forward_seqs(&embed, &self.dec.decoder, &self.dec.tok, seqs)
+        Ok(Some(
+            forward_trained(&self.enc, &self.dec, &seqs, true)?.loss,
+        ))
     }
 }
 
@@ -126,14 +120,8 @@ impl Task for SftTask {
             fracs.push(p);
             seqs.push(self.seq(self.data.train[j], p, gold, rng.random())?);
         }
-        let out = self.forward(&seqs, true)?;
-        let mut stats = Stats {
-            loss: f64::from(out.loss.to_scalar::<f32>()?),
-            micro: 1,
-            tokens: out.tokens,
-            correct: out.correct,
-            ..Default::default()
-        };
+        let out = forward_trained(&self.enc, &self.dec, &seqs, true)?;
+        let mut stats = out.stats()?;
         for p in fracs {
             stats.note("p", p);
         }
@@ -159,19 +147,13 @@ impl Task for SftTask {
                 .iter()
                 .map(|&i| self.seq(i, p, gold, i as u64))
                 .collect::<Result<Vec<_>>>()?;
-            let (mut nll, mut tokens, mut correct) = (Vec::new(), 0, 0);
-            for b in seqs.chunks(self.eval_batch.max(1)) {
-                let o = self.forward(b, false)?;
-                nll.extend(o.nll);
-                tokens += o.tokens;
-                correct += o.correct;
-            }
+            let s = score_trained(&self.enc, &self.dec, &seqs, self.eval_batch)?;
             out.insert(
                 name.to_string(),
                 json!({
-                    "answer_loglik": -weighted_mean(&nll, &target_counts(&seqs)),
-                    "token_acc": correct as f64 / tokens.max(1) as f64,
-                    "tokens": tokens,
+                    "answer_loglik": -s.nll,
+                    "token_acc": s.accuracy(),
+                    "tokens": s.tokens,
                 }),
             );
         }
