@@ -297,6 +297,8 @@ fn fast_decode_continuations_match_the_f32_path() {
     println!(
         "identical greedy continuations, q8 decode vs quantized quantized_llama: {same_q} of 20"
     );
+    let same_q8_f32 = compare_greedy(&q8, &tok, reference(true), 1.0);
+    println!("identical greedy continuations, q8 decode vs dequantized f32: {same_q8_f32} of 20");
 }
 
 /// CPU seconds this process has used (user + system, all threads), from `/proc/self/stat`.
