@@ -112,15 +112,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (256, 8), &Device::Cpu).unwrap();
         let a = build(1).forward(&x).unwrap();
         let b = build(1).forward(&x).unwrap();
-        let d: f32 = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(d, 0.0);
+        assert_eq!(crate::testing::max_abs_diff(&a, &b), 0.0);
         let std: f32 = a
             .sqr()
             .unwrap()

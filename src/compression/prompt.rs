@@ -245,15 +245,7 @@ mod tests {
             .unsqueeze(0)
             .unwrap();
         let want = embed(&full).unwrap();
-        let diff: f32 = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(diff, 0.0);
+        assert_eq!(crate::testing::max_abs_diff(&got, &want), 0.0);
     }
 
     #[test]

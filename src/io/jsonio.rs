@@ -28,6 +28,12 @@ pub fn read_utf8(path: &Path) -> Result<String> {
 /// A passage's id is its position among the passages read (0-based), so blank lines take no id.
 pub fn read_corpus(path: &Path, strict: bool) -> Result<Vec<String>> {
     let (passages, blank) = read_corpus_counted(path, strict)?;
+    note_blank_lines(blank, path);
+    Ok(passages)
+}
+
+/// Say on stderr that `blank` blank lines of `path` were skipped (nothing when none were).
+pub fn note_blank_lines(blank: usize, path: &Path) {
     if blank > 0 {
         let s = if blank == 1 { "" } else { "s" };
         eprintln!(
@@ -35,7 +41,6 @@ pub fn read_corpus(path: &Path, strict: bool) -> Result<Vec<String>> {
             path.display()
         );
     }
-    Ok(passages)
 }
 
 /// [`read_corpus`] without the message: the passages and the number of blank lines skipped.

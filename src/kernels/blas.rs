@@ -265,16 +265,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     pub(super) fn close(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        crate::testing::max_abs_diff(a, b)
     }
 
     #[test]

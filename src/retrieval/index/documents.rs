@@ -271,13 +271,7 @@ fn line_passages(path: &Path, text: &str, strict: bool) -> Result<Vec<(usize, us
             out.push((s, e));
         }
     }
-    if blank > 0 {
-        let s = if blank == 1 { "" } else { "s" };
-        eprintln!(
-            "refrag: skipped {blank} blank line{s} in {}",
-            path.display()
-        );
-    }
+    crate::io::jsonio::note_blank_lines(blank, path);
     Ok(out)
 }
 
