@@ -32,6 +32,31 @@ pub fn read_corpus(path: &Path, strict: bool) -> Result<Vec<String>> {
     Ok(passages)
 }
 
+/// The seed's corpus format in `text` (read from `path`): the byte ranges of its non-blank lines
+/// (one passage each, without the line ending) and the number of blank lines skipped; with
+/// `strict` a blank line is an error naming the file and line.
+pub fn corpus_lines(path: &Path, text: &str, strict: bool) -> Result<(Vec<(usize, usize)>, usize)> {
+    let mut out = Vec::new();
+    let (mut blank, mut at) = (0, 0);
+    for (i, l) in text.split_inclusive('\n').enumerate() {
+        let (s, body) = (at, l.trim_end_matches(['\n', '\r']));
+        at += l.len();
+        if body.trim().is_empty() {
+            if strict {
+                bail!(
+                    "{}:{}: blank line (--strict: a corpus holds one passage per line)",
+                    path.display(),
+                    i + 1
+                );
+            }
+            blank += 1;
+        } else {
+            out.push((s, s + body.len()));
+        }
+    }
+    Ok((out, blank))
+}
+
 /// Say on stderr that `blank` blank lines of `path` were skipped (nothing when none were).
 pub fn note_blank_lines(blank: usize, path: &Path) {
     if blank > 0 {
@@ -46,23 +71,11 @@ pub fn note_blank_lines(blank: usize, path: &Path) {
 /// [`read_corpus`] without the message: the passages and the number of blank lines skipped.
 pub fn read_corpus_counted(path: &Path, strict: bool) -> Result<(Vec<String>, usize)> {
     let text = read_utf8(path)?;
-    let mut passages = Vec::new();
-    let mut blank = 0;
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim_end_matches('\r');
-        if line.trim().is_empty() {
-            if strict {
-                bail!(
-                    "{}:{}: blank line (--strict: a corpus holds one passage per line)",
-                    path.display(),
-                    i + 1
-                );
-            }
-            blank += 1;
-            continue;
-        }
-        passages.push(line.to_string());
-    }
+    let (ranges, blank) = corpus_lines(path, &text, strict)?;
+    let passages: Vec<String> = ranges
+        .iter()
+        .map(|&(s, e)| text[s..e].to_string())
+        .collect();
     if passages.is_empty() {
         bail!("{}: empty corpus (no passages)", path.display());
     }

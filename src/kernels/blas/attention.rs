@@ -225,28 +225,21 @@ mod tests {
             .flat_map(|i| (0..len).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
         let mask = Tensor::from_vec(mask, (t, len), &dev).unwrap();
+        // Head `i` of a (1, heads, len, hd) tensor as (len, hd).
+        let head_of = |x: &Tensor, i: usize| {
+            x.narrow(1, i, 1)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+        };
         for head in 0..h {
-            let qh = q
-                .narrow(1, head, 1)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            let kh = k
-                .narrow(1, head / (h / kv), 1)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            let vh = v
-                .narrow(1, head / (h / kv), 1)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
+            let (qh, kh, vh) = (
+                head_of(&q, head),
+                head_of(&k, head / (h / kv)),
+                head_of(&v, head / (h / kv)),
+            );
             let att =
                 ((qh.matmul(&kh.t().unwrap()).unwrap() * scale as f64).unwrap() + &mask).unwrap();
             let want = candle_nn::ops::softmax_last_dim(&att)

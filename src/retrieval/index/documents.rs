@@ -255,22 +255,7 @@ fn is_document(text: &str, splitter: &Splitter) -> Result<bool> {
 
 /// The seed's format: every non-blank line a passage, as [`crate::io::jsonio::read_corpus`] reads.
 fn line_passages(path: &Path, text: &str, strict: bool) -> Result<Vec<(usize, usize)>> {
-    let mut out = Vec::new();
-    let mut blank = 0;
-    for (i, (s, e)) in lines(text).enumerate() {
-        if text[s..e].trim().is_empty() {
-            if strict {
-                bail!(
-                    "{}:{}: blank line (--strict: a corpus holds one passage per line)",
-                    path.display(),
-                    i + 1
-                );
-            }
-            blank += 1;
-        } else {
-            out.push((s, e));
-        }
-    }
+    let (out, blank) = crate::io::jsonio::corpus_lines(path, text, strict)?;
     crate::io::jsonio::note_blank_lines(blank, path);
     Ok(out)
 }
