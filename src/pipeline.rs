@@ -429,18 +429,24 @@ impl Refrag {
         let mut tokens = Vec::new();
         let mut forwards = 0usize;
         let t = Instant::now();
-        while !(opts.stop_at_eos && self.dtok.is_eos(tok)) && tokens.len() < max_new {
-            tokens.push(tok);
-            if tokens.len() == max_new {
-                break;
+        // The whole loop runs on a worker of the thread pool that splits each step's products
+        // and attention: the parallel parts then run as joins from inside the pool, where a
+        // caller outside it would sleep and be woken for every product (hundreds a token).
+        rayon::scope(|_| -> Result<()> {
+            while !(opts.stop_at_eos && self.dtok.is_eos(tok)) && tokens.len() < max_new {
+                tokens.push(tok);
+                if tokens.len() == max_new {
+                    break;
+                }
+                let ids = Tensor::new(&[[tok]], &self.device)?;
+                let logits = self
+                    .decoder
+                    .forward_ids(&ids, Some(&mut kv), Logits::Last)?;
+                forwards += 1;
+                tok = sampler.sample(&logits)?;
             }
-            let ids = Tensor::new(&[[tok]], &self.device)?;
-            let logits = self
-                .decoder
-                .forward_ids(&ids, Some(&mut kv), Logits::Last)?;
-            forwards += 1;
-            tok = sampler.sample(&logits)?;
-        }
+            Ok(())
+        })?;
         let decode = t.elapsed().as_secs_f64();
         // Time per forward pass actually run: when decoding stops at EOS, the pass that
         // produced it counts too (dividing by tokens - 1 overstated TTIT for short answers).
