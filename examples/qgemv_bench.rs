@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         let mut y = vec![0f32; rows];
         let tq = time(|| mat.matmul_t(&xv, 1, &mut y, Act::F32));
         let t8 = time(|| mat.matmul_t(&xv, 1, &mut y, Act::Q8));
+        let t16 = time(|| mat.matmul_t(&xv, 1, &mut y, Act::Q16));
         let tf = time(|| {
             refrag::kernels::blas::linear(&lin, &x).unwrap();
         });
@@ -51,9 +52,10 @@ fn main() -> anyhow::Result<()> {
             qmm.forward(&x).unwrap();
         });
         println!(
-            "{name} ({rows}x{cols} {t:?}): quantized x f32 {:.1} us ({:.1} GB/s), quantized x q8 {:.1} us, f32 BLAS {:.1} us, candle QMatMul {:.1} us: {:.1}x over f32",
+            "{name} ({rows}x{cols} {t:?}): quantized x f32 {:.1} us ({:.1} GB/s), quantized x q16 {:.1} us, quantized x q8 {:.1} us, f32 BLAS {:.1} us, candle QMatMul {:.1} us: {:.1}x over f32",
             tq * 1e6,
             bytes as f64 / tq / 1e9,
+            t16 * 1e6,
             t8 * 1e6,
             tf * 1e6,
             tc * 1e6,

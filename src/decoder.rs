@@ -106,15 +106,19 @@ impl Decoder {
 }
 
 /// How one-token decoding steps multiply, from `REFRAG_DECODE`: `fast` (the default: the
-/// GGUF's quantized blocks times f32 activations, the f32 path's numbers), `q8` (activations
-/// quantized to 8 bits too: llama.cpp's arithmetic), `f32` (the dequantized f32 matrices).
+/// GGUF's quantized blocks times activations quantized to 16 bits per block, 16-bit integer
+/// dots; every greedy continuation of the real SmolLM2 the f32 path's), `f32act` (the blocks
+/// times f32 activations: the f32 path's numbers up to rounding, ~10-15% slower), `q8`
+/// (activations quantized to 8 bits: llama.cpp's arithmetic, near-ties flip), `f32` (the
+/// dequantized f32 matrices).
 pub fn decode_mode() -> Result<Option<crate::kernels::qgemv::Act>> {
     use crate::kernels::qgemv::Act;
     match std::env::var("REFRAG_DECODE").as_deref() {
-        Err(_) | Ok("") | Ok("fast") => Ok(Some(Act::F32)),
+        Err(_) | Ok("") | Ok("fast") | Ok("q16") => Ok(Some(Act::Q16)),
+        Ok("f32act") => Ok(Some(Act::F32)),
         Ok("q8") => Ok(Some(Act::Q8)),
         Ok("f32") => Ok(None),
-        Ok(other) => anyhow::bail!("REFRAG_DECODE={other}: expected fast, q8 or f32"),
+        Ok(other) => anyhow::bail!("REFRAG_DECODE={other}: expected fast (q16), f32act, q8 or f32"),
     }
 }
 

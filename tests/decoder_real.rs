@@ -299,6 +299,11 @@ fn fast_decode_continuations_match_the_f32_path() {
     );
     let same_q8_f32 = compare_greedy(&q8, &tok, reference(true), 1.0);
     println!("identical greedy continuations, q8 decode vs dequantized f32: {same_q8_f32} of 20");
+    let (mut q16, _) = load();
+    refrag::decoder::enable_fast_decode_as(&files(), &mut q16, Act::Q16).unwrap();
+    let same_q16 = compare_greedy(&q16, &tok, reference(true), 1e-2);
+    println!("identical greedy continuations, q16 decode vs dequantized f32: {same_q16} of 20");
+    assert!(same_q16 >= 19, "{same_q16} of 20");
 }
 
 /// CPU seconds this process has used (user + system, all threads), from `/proc/self/stat`.

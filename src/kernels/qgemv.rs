@@ -62,6 +62,10 @@ pub enum Act {
     /// Activations quantized to 8 bits per block and integer dot products: llama.cpp's (and
     /// candle's quantized kernels') arithmetic.
     Q8,
+    /// Activations quantized to 16 bits per block (relative error ~1.5e-5 of the block's
+    /// largest value, against 4e-3 for 8 bits) and 16-bit integer dot products (`madd`): close
+    /// to the f32 numbers at about half the instructions per block.
+    Q16,
 }
 
 /// A `(rows, cols)` weight matrix in quantized blocks, row-major (`y = W x`).
@@ -83,6 +87,7 @@ pub struct QMatrix {
 pub enum Row {
     F32(F32Row),
     Q8(Q8Row),
+    Q16(Q16Row),
 }
 
 /// One f32 activation row with the sum of each block (for the Q4 offsets and minimums).
@@ -109,6 +114,37 @@ pub struct Q8Row {
     qsum: Vec<f32>,
     s: Vec<f32>,
     q: Vec<i8>,
+}
+
+/// One activation row quantized to 16 bits per block: `x ~ d * q`, `d = max|x| / 32767`, with
+/// the exact f32 sum of each block (for the Q4 offsets and minimums).
+pub struct Q16Row {
+    d: Vec<f32>,
+    sum: Vec<f32>,
+    q: Vec<i16>,
+}
+
+impl Q16Row {
+    pub fn new(x: &[f32]) -> Self {
+        let nb = x.len() / QK;
+        let mut r = Self {
+            d: Vec::with_capacity(nb),
+            sum: Vec::with_capacity(nb),
+            q: Vec::with_capacity(x.len()),
+        };
+        for blk in x.chunks_exact(QK) {
+            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 32767.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            r.q.extend(
+                blk.iter()
+                    .map(|v| (v * id).round().clamp(-32767.0, 32767.0) as i16),
+            );
+            r.d.push(d);
+            r.sum.push(blk.iter().sum());
+        }
+        r
+    }
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -203,6 +239,7 @@ impl QMatrix {
             .map(|r| match act {
                 Act::F32 => Row::F32(F32Row::new(r)),
                 Act::Q8 => Row::Q8(quantize_row(r)),
+                Act::Q16 => Row::Q16(Q16Row::new(r)),
             })
             .collect();
         let simd = simd_available();
@@ -254,6 +291,7 @@ impl QMatrix {
                 match a {
                     Row::Q8(a) => avx2::dot(self.kind, d, m, qs, a),
                     Row::F32(a) => avx2::dot_f32(self.kind, d, m, qs, a),
+                    Row::Q16(a) => avx2::dot_q16(self.kind, d, m, qs, a),
                 }
             };
         }
@@ -261,6 +299,7 @@ impl QMatrix {
         match a {
             Row::Q8(a) => dot_scalar(self.kind, d, m, qs, a),
             Row::F32(a) => dot_scalar_f32(self.kind, d, m, qs, a),
+            Row::Q16(a) => dot_scalar_q16(self.kind, d, m, qs, a),
         }
     }
 }
@@ -366,9 +405,40 @@ fn dot_scalar_f32(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &F32Row) -> f
     acc
 }
 
+/// The portable kernel on 16-bit activations: `d_w d_x sum(q xq)` per block, plus the Q4
+/// offset or minimum times the block's exact sum.
+fn dot_scalar_q16(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q16Row) -> f32 {
+    let mut acc = 0f32;
+    for b in 0..d.len() {
+        let x = &a.q[b * QK..(b + 1) * QK];
+        let s: i32 = match kind {
+            QKind::Q4_0 | QKind::Q4_1 => {
+                let q = &qs[b * 16..(b + 1) * 16];
+                (0..16)
+                    .map(|j| {
+                        (q[j] & 0x0F) as i32 * x[j] as i32 + (q[j] >> 4) as i32 * x[j + 16] as i32
+                    })
+                    .sum()
+            }
+            QKind::Q8_0 => qs[b * 32..(b + 1) * 32]
+                .iter()
+                .zip(x)
+                .map(|(&w, &v)| w as i8 as i32 * v as i32)
+                .sum(),
+        };
+        acc += d[b] * a.d[b] * s as f32
+            + match kind {
+                QKind::Q4_0 => -8.0 * d[b] * a.sum[b],
+                QKind::Q4_1 => m[b] * a.sum[b],
+                QKind::Q8_0 => 0.0,
+            };
+    }
+    acc
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{F32Row, Q8Row, QKind, QK};
+    use super::{F32Row, Q16Row, Q8Row, QKind, QK};
     use std::arch::x86_64::*;
 
     /// [`super::dot_scalar`] with 32-lane integer products: unsigned 4-bit (or absolute 8-bit)
@@ -455,6 +525,43 @@ mod avx2 {
         hsum(acc) + extra
     }
 
+    /// [`super::dot_scalar_q16`]: each block's 32 weights widened to 16 bits in two registers,
+    /// multiplied into the 16-bit activations and summed in pairs to i32 by `madd`, scaled in
+    /// f32 with FMA. Sums stay far inside i32 (four products of at most 127 * 32767 a lane).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q16(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q16Row) -> f32 {
+        let low = _mm_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        let mut extra = 0f32;
+        for b in 0..d.len() {
+            let xp = a.q.as_ptr().add(b * QK) as *const __m256i;
+            let (x0, x1) = (_mm256_loadu_si256(xp), _mm256_loadu_si256(xp.add(1)));
+            let (w0, w1) = match kind {
+                QKind::Q4_0 | QKind::Q4_1 => {
+                    let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
+                    let lo = _mm_and_si128(raw, low);
+                    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+                    (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
+                }
+                QKind::Q8_0 => {
+                    let p = qs.as_ptr().add(b * QK);
+                    (
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i)),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(16) as *const __m128i)),
+                    )
+                }
+            };
+            let s = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * a.d[b]), _mm256_cvtepi32_ps(s), acc);
+            match kind {
+                QKind::Q4_0 => extra -= 8.0 * d[b] * a.sum[b],
+                QKind::Q4_1 => extra += m[b] * a.sum[b],
+                QKind::Q8_0 => {}
+            }
+        }
+        hsum(acc) + extra
+    }
+
     #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum(acc: __m256) -> f32 {
         let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
@@ -504,7 +611,7 @@ mod tests {
                     .unwrap();
                 let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-                for (act, tol) in [(Act::Q8, 0.01), (Act::F32, 1e-5)] {
+                for (act, tol) in [(Act::Q8, 0.01), (Act::Q16, 1e-4), (Act::F32, 1e-5)] {
                     let mut got = vec![0f32; m * rows];
                     mat.matmul_t(&xv, m, &mut got, act);
                     for (g, e) in got.iter().zip(&want) {
@@ -514,6 +621,7 @@ mod tests {
                 for a in [
                     Row::Q8(quantize_row(&xv[..cols])),
                     Row::F32(F32Row::new(&xv[..cols])),
+                    Row::Q16(Q16Row::new(&xv[..cols])),
                 ] {
                     for r in 0..rows {
                         let s = mat.dot_row(r, &a, false);
