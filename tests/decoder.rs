@@ -171,8 +171,9 @@ fn step_diffs(a: &Decoder, b: &Decoder, prompt: &[u32], rest: &[u32]) -> Vec<f32
 }
 
 /// The decoding fast path (dense f32 weights for prefill, the file's quantized blocks for
-/// one-row products). With f32 activations (the default) its logits are the dense path's up to
-/// rounding; with 8-bit activations (`REFRAG_DECODE=q8`), token by token, they are the quantized
+/// one-row products). With f32 activations its logits are the dense path's up to rounding, with
+/// 16-bit ones (the default) within their quantization and far closer than 8-bit ones; with
+/// 8-bit activations (`REFRAG_DECODE=q8`), token by token, they are the quantized
 /// reference's (`quantized_llama`), far closer than the dense path's. Q4_1 (the real file's
 /// format) with a merged LoRA adapter: the same, through the adapter's side path.
 #[test]

@@ -274,9 +274,9 @@ fn greedy_continuations_match_quantized_llama() {
 }
 
 /// The decoding fast path (the default for a GGUF decoder on the CPU): one-row products on the
-/// file's quantized blocks. With f32 activations (the default) its greedy continuations are the
-/// f32 path's (the same numbers up to rounding: every continuation identical to the dequantized
-/// reference's); with 8-bit activations (`REFRAG_DECODE=q8`) they follow the reference's
+/// file's quantized blocks. With f32 activations its greedy continuations are the f32 path's
+/// (the same numbers up to rounding: every continuation identical to the dequantized
+/// reference's), and with 16-bit ones (the default) all but near-ties at most; with 8-bit activations (`REFRAG_DECODE=q8`) they follow the reference's
 /// quantized kernels, where near-ties may flip (gap bounded where they part).
 #[test]
 #[ignore = "needs models/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch_models.sh)"]

@@ -1,8 +1,9 @@
 //! Quantized matrix products for decoding: GGUF Q4_0 / Q4_1 / Q8_0 weights stay in their 4- or
-//! 8-bit blocks of 32, each activation row is quantized to 8 bits per block (llama.cpp's Q8_0 /
-//! Q8_1 scheme), and every block's dot product is an integer SIMD dot (AVX2 + FMA when the CPU
-//! has them, detected at run time so one binary runs everywhere; a portable loop otherwise),
-//! output rows split over threads. A token's decode then reads ~0.6 bytes per weight instead of
+//! 8-bit blocks of 32, each activation row is quantized to 16 bits per block (the default, within
+//! ~1e-5 of f32) or 8 (llama.cpp's Q8_0 / Q8_1 scheme), or kept f32, and every block's dot
+//! product is an integer (or f32) SIMD dot (AVX2 + FMA when the CPU has them, detected at run
+//! time so one binary runs everywhere; a portable loop otherwise), output rows split over
+//! threads. A token's decode then reads ~0.6 bytes per weight instead of
 //! the 4 of the f32 path: decoding is bound by memory bandwidth, so that is the speed-up.
 //!
 //! Weights are repacked at load: the f16 block scales (and Q4_1 minimums) become f32 arrays and
