@@ -101,9 +101,14 @@ impl F32Row {
     pub fn new(x: &[f32]) -> Self {
         Self {
             x: x.to_vec(),
-            sum: x.chunks_exact(QK).map(|b| b.iter().sum()).collect(),
+            sum: block_sums(x),
         }
     }
+}
+
+/// The f32 sum of each block of [`QK`] values of `x`.
+fn block_sums(x: &[f32]) -> Vec<f32> {
+    x.chunks_exact(QK).map(|b| b.iter().sum()).collect()
 }
 
 /// One activation row quantized per block, as llama.cpp's Q8_0 / Q8_1 store it: the scale
@@ -130,7 +135,7 @@ impl Q16Row {
         let nb = x.len() / QK;
         let mut r = Self {
             d: Vec::with_capacity(nb),
-            sum: Vec::with_capacity(nb),
+            sum: block_sums(x),
             q: Vec::with_capacity(x.len()),
         };
         for blk in x.chunks_exact(QK) {
@@ -142,7 +147,6 @@ impl Q16Row {
                     .map(|v| (v * id).round().clamp(-32767.0, 32767.0) as i16),
             );
             r.d.push(d);
-            r.sum.push(blk.iter().sum());
         }
         r
     }
@@ -346,34 +350,34 @@ pub fn quantize_row(x: &[f32]) -> Q8Row {
     r
 }
 
+/// `sum(q x)` over block `b`'s raw weight quants (Q4: unsigned nibbles, low nibble element j,
+/// high j + 16; Q8_0: signed bytes) and the block's integer activation quants `x`.
+fn int_block_dot<T: Copy + Into<i32>>(kind: QKind, qs: &[u8], b: usize, x: &[T]) -> i32 {
+    match kind {
+        QKind::Q4_0 | QKind::Q4_1 => {
+            let q = &qs[b * 16..(b + 1) * 16];
+            (0..16)
+                .map(|j| (q[j] & 0x0F) as i32 * x[j].into() + (q[j] >> 4) as i32 * x[j + 16].into())
+                .sum()
+        }
+        QKind::Q8_0 => qs[b * 32..(b + 1) * 32]
+            .iter()
+            .zip(x)
+            .map(|(&w, &v)| w as i8 as i32 * v.into())
+            .sum(),
+    }
+}
+
 /// The portable kernel (and the reference the SIMD one is tested against).
 fn dot_scalar(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q8Row) -> f32 {
     let mut acc = 0f32;
     for b in 0..d.len() {
-        let x = &a.q[b * QK..(b + 1) * QK];
+        let s = int_block_dot(kind, qs, b, &a.q[b * QK..(b + 1) * QK]) as f32;
         let da = d[b] * a.d[b];
         acc += match kind {
-            QKind::Q4_0 | QKind::Q4_1 => {
-                let q = &qs[b * 16..(b + 1) * 16];
-                let mut s = 0i32;
-                for j in 0..16 {
-                    s += (q[j] & 0x0F) as i32 * x[j] as i32 + (q[j] >> 4) as i32 * x[j + 16] as i32;
-                }
-                if kind == QKind::Q4_0 {
-                    da * (s as f32 - 8.0 * a.qsum[b])
-                } else {
-                    da * s as f32 + m[b] * a.s[b]
-                }
-            }
-            QKind::Q8_0 => {
-                let q = &qs[b * 32..(b + 1) * 32];
-                let s: i32 = q
-                    .iter()
-                    .zip(x)
-                    .map(|(&w, &v)| w as i8 as i32 * v as i32)
-                    .sum();
-                da * s as f32
-            }
+            QKind::Q4_0 => da * (s - 8.0 * a.qsum[b]),
+            QKind::Q4_1 => da * s + m[b] * a.s[b],
+            QKind::Q8_0 => da * s,
         };
     }
     acc
@@ -411,22 +415,7 @@ fn dot_scalar_f32(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &F32Row) -> f
 fn dot_scalar_q16(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q16Row) -> f32 {
     let mut acc = 0f32;
     for b in 0..d.len() {
-        let x = &a.q[b * QK..(b + 1) * QK];
-        let s: i32 = match kind {
-            QKind::Q4_0 | QKind::Q4_1 => {
-                let q = &qs[b * 16..(b + 1) * 16];
-                (0..16)
-                    .map(|j| {
-                        (q[j] & 0x0F) as i32 * x[j] as i32 + (q[j] >> 4) as i32 * x[j + 16] as i32
-                    })
-                    .sum()
-            }
-            QKind::Q8_0 => qs[b * 32..(b + 1) * 32]
-                .iter()
-                .zip(x)
-                .map(|(&w, &v)| w as i8 as i32 * v as i32)
-                .sum(),
-        };
+        let s = int_block_dot(kind, qs, b, &a.q[b * QK..(b + 1) * QK]);
         acc += d[b] * a.d[b] * s as f32
             + match kind {
                 QKind::Q4_0 => -8.0 * d[b] * a.sum[b],

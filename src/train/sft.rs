@@ -79,8 +79,9 @@ impl SftTask {
         answer_seq(&self.dec.tok, layout, mask, pair)
     }
 
-    /// The mean loss of `n` next-paragraph sequences drawn at random, when mixing is on.
-    fn next_loss(&self, n: usize, rng: &mut ChaCha8Rng) -> Result<Option<Tensor>> {
+    /// The mean loss of `n` next-paragraph sequences drawn at random and its weight, when
+    /// mixing is on.
+    fn next_loss(&self, n: usize, rng: &mut ChaCha8Rng) -> Result<Option<(Tensor, f64)>> {
         let Some(m) = &self.next else {
             return Ok(None);
         };
@@ -91,9 +92,8 @@ impl SftTask {
                 next_seq(&m.data, i, self.layout.k, m.expand_frac, bos, rng.random())
             })
             .collect();
-        Ok(Some(
-            forward_trained(&self.enc, &self.dec, &seqs, true)?.loss,
-        ))
+        let loss = forward_trained(&self.enc, &self.dec, &seqs, true)?.loss;
+        Ok(Some((loss, m.weight)))
     }
 }
 
@@ -126,9 +126,8 @@ impl Task for SftTask {
             stats.note("p", p);
         }
         let mut loss = out.loss;
-        if let Some(next) = self.next_loss(items.len(), rng)? {
+        if let Some((next, w)) = self.next_loss(items.len(), rng)? {
             stats.note("next_loss", f64::from(next.to_scalar::<f32>()?));
-            let w = self.next.as_ref().map_or(0.0, |m| m.weight);
             loss = (loss + next.affine(w, 0.0)?)?;
         }
         Ok(Some(Micro { loss, stats }))
