@@ -64,6 +64,7 @@ fn cpt_task(f: &Fixture, mode: CptMode, seed: u64) -> CptTask {
         expand_frac: 0.25,
         dec_lr_scale: 1.0,
         eval_batch: 2,
+        distill: 0.0,
     };
     CptTask::new(settings, enc, dec, data, &f.s("dec")).unwrap()
 }
@@ -122,6 +123,7 @@ fn mixed_sft_task(f: &Fixture, weight: f64) -> SftTask {
         data,
         expand_frac: 0.25,
         weight,
+        distill: 0.0,
     });
     t
 }
@@ -188,6 +190,48 @@ fn one_step_lowers_the_mixed_sft_loss() {
     let f = Fixture::new();
     let (a, b) = losses_around_one_step(&mut mixed_sft_task(&f, 1.0), 1e-4);
     assert!(b < a, "sft + next: {a} -> {b}");
+}
+
+/// A next-paragraph task distilling at `distill`, with `expand_frac` of the chunks expanded.
+fn distilled_task(f: &Fixture, distill: f64, expand_frac: f64) -> CptTask {
+    let mut t = cpt_task(f, CptMode::Next, 0);
+    t.settings.distill = distill;
+    t.settings.expand_frac = expand_frac;
+    t
+}
+
+#[test]
+fn distillation_adds_its_weighted_kl_which_vanishes_when_every_chunk_is_expanded() {
+    let f = Fixture::new();
+    let micro = |mut t: CptTask| {
+        t.begin_step(99, 100, &mut step_rng(3, 0)).unwrap();
+        t.micro(&[0, 1], &mut step_rng(3, 1)).unwrap().unwrap()
+    };
+    let loss = |m: &Micro| f64::from(m.loss.to_scalar::<f32>().unwrap());
+    let plain = micro(distilled_task(&f, 0.0, 0.25));
+    let (one, two) = (
+        micro(distilled_task(&f, 1.0, 0.25)),
+        micro(distilled_task(&f, 2.0, 0.25)),
+    );
+    assert!(!plain.stats.extra.contains_key("distill_kl"));
+    let kl = one.stats.extra["distill_kl"].0;
+    assert!(kl > 1e-4, "compressed against full context: KL {kl}");
+    assert_eq!(two.stats.extra["distill_kl"].0, kl);
+    // The added term is linear in its weight: soft cross-entropy = KL + teacher entropy.
+    let (d1, d2) = (loss(&one) - loss(&plain), loss(&two) - loss(&plain));
+    assert!(d1 > kl - 1e-4, "added {d1} below the KL {kl}");
+    assert!((d2 - 2.0 * d1).abs() < 1e-3, "{d2} vs 2 x {d1}");
+    // With every chunk expanded the student reads what the teacher reads.
+    let same = micro(distilled_task(&f, 1.0, 1.0));
+    let kl = same.stats.extra["distill_kl"].0;
+    assert!(kl.abs() < 1e-4, "full context against itself: KL {kl}");
+}
+
+#[test]
+fn one_step_lowers_the_distilled_next_paragraph_loss() {
+    let f = Fixture::new();
+    let (a, b) = losses_around_one_step(&mut distilled_task(&f, 1.0, 0.25), 1e-4);
+    assert!(b < a, "cpt_next --distill 1: {a} -> {b}");
 }
 
 /// A small seeded policy over six random chunks, a question vector and position features.
@@ -355,6 +399,7 @@ fn training_drives_reconstruction_accuracy_up() {
         expand_frac: 0.0,
         dec_lr_scale: 1.0,
         eval_batch: 2,
+        distill: 0.0,
     };
     let mut task = CptTask::new(settings, enc, dec, data, &f.s("dec")).unwrap();
     let before = window_accuracy(&task, 1);

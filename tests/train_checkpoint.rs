@@ -171,6 +171,7 @@ fn run_cpt(f: &Fixture, mode: CptMode, load: Option<&str>, out: &str) -> std::pa
         expand_frac: 0.5,
         dec_lr_scale: 1.0,
         eval_batch: 1,
+        distill: 0.0,
     };
     let mut task = CptTask::new(settings, enc, dec, data, &f.s("dec")).unwrap();
     let out = f.path(out);

@@ -73,6 +73,11 @@ pub struct CptArgs {
     /// Fraction of chunks left expanded during next-paragraph training (cpt_next).
     #[arg(long = "expand_frac", alias = "expand-frac", default_value_t = 0.25, value_parser = unit_interval)]
     pub expand_frac: f64,
+    /// cpt_next: also distil the decoder's own predictions with the whole context expanded into
+    /// the compressed reading, adding this weight times KL(full context || compressed) per
+    /// continuation token to the loss (0: off). Costs one more forward pass of the full context.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_f64)]
+    pub distill: f64,
     /// Weights to start from (cpt_next: the cpt_recon output).
     #[arg(long = "load_dir", alias = "load-dir")]
     pub load_dir: Option<PathBuf>,
@@ -215,6 +220,9 @@ pub struct SftArgs {
     /// Fraction of the mixed next-paragraph sequences' chunks left expanded.
     #[arg(long = "next_expand_frac", alias = "next-expand-frac", default_value_t = 0.1, value_parser = unit_interval)]
     pub next_expand_frac: f64,
+    /// Distillation weight of the mixed next-paragraph sequences (see `cpt_next --distill`).
+    #[arg(long = "next_distill", alias = "next-distill", default_value_t = 0.0, value_parser = non_negative_f64)]
+    pub next_distill: f64,
     #[command(flatten)]
     pub train: TrainArgs,
     #[command(flatten)]

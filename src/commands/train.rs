@@ -359,6 +359,7 @@ pub fn run_cpt(a: &CptArgs, mode: CptMode) -> Result<()> {
         k: a.k,
         curriculum,
         expand_frac: a.expand_frac,
+        distill: a.distill,
         dec_lr_scale: a.dec_lr.map_or(0.2, |d| d / lr),
         eval_batch: a.train.micro_batch,
     };
@@ -396,6 +397,7 @@ pub fn run_sft(a: &SftArgs) -> Result<()> {
             data: next_mix_data(p, &dec.tok)?,
             expand_frac: a.next_expand_frac,
             weight: a.next_weight,
+            distill: a.next_distill,
         }),
         None => None,
     };

@@ -4,7 +4,8 @@
 //!   decoder reconstructs their `n * k` tokens, teacher-forced; `n` follows the curriculum (one
 //!   draw per step, from mostly one chunk towards many).
 //! - CPT-B, next paragraph (`cpt_next`): the first `s` tokens of an item are compressed, a
-//!   random `expand_frac` of their chunks expanded, and the next `o` tokens predicted.
+//!   random `expand_frac` of their chunks expanded, and the next `o` tokens predicted; with
+//!   `distill`, also matched to the decoder's own distributions with the whole context expanded.
 //!
 //! Held-out items are the last `eval_items` of the file: reconstruction token accuracy and
 //! perplexity (CPT-A), next-paragraph perplexity compressed / partly expanded / full context / no
@@ -22,7 +23,9 @@ use super::optim::Group;
 use super::parts::{enc_dec_checkpoint, enc_dec_groups, Checkpoint, TrainDecoder};
 use super::run::{Micro, Task};
 use super::schedule::Curriculum;
-use super::seq::{forward_trained, perplexity, score_trained, Seq, SeqOut};
+use super::seq::{
+    forward_trained, forward_trained_distilled, perplexity, score_trained, Seq, SeqOut,
+};
 use crate::decoder::DecoderTokenizer;
 use crate::io::schema::{CptItem, Split};
 use crate::select::{num_expand, random_n};
@@ -235,6 +238,9 @@ pub struct CptSettings {
     pub dec_lr_scale: f64,
     /// Sequences per forward pass in the evaluation.
     pub eval_batch: usize,
+    /// CPT-B: weight of `KL(full context || compressed)` per target beside the cross-entropy
+    /// (0: none; `--distill`).
+    pub distill: f64,
 }
 
 /// A CPT-A or CPT-B run.
@@ -409,7 +415,12 @@ impl Task for CptTask {
             .iter()
             .map(|&i| self.train_seq(i, chunks, rng))
             .collect();
-        let out = self.forward(&seqs, true)?;
+        let out = match self.settings.mode {
+            CptMode::Next => {
+                forward_trained_distilled(&self.enc, &self.dec, &seqs, self.settings.distill)?
+            }
+            CptMode::Recon => self.forward(&seqs, true)?,
+        };
         let mut stats = out.stats()?;
         if self.settings.mode == CptMode::Recon {
             stats.note("chunks", chunks as f64);

@@ -212,7 +212,7 @@ impl PolicyTask {
             .map(|m| answer_seq(&self.refrag.dtok, qn.layout.clone(), m, pair))
             .collect::<Result<Vec<Seq>>>()?;
         let tables = vec![Some(qn.embeds.clone()); seqs.len()];
-        let out = forward_with_tables(&self.refrag.decoder, &seqs, tables)?;
+        let out = forward_with_tables(&self.refrag.decoder, &seqs, tables, None)?;
         Ok(out.nll.iter().map(|n| -n).collect())
     }
 

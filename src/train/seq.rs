@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
+use rayon::prelude::*;
 
 use super::encoder::TrainEncoder;
 use super::parts::TrainDecoder;
@@ -127,6 +128,82 @@ pub struct SeqOut {
     pub tokens: usize,
     /// Targets that were the arg-max prediction.
     pub correct: usize,
+    /// With a teacher: the mean `KL(teacher || decoder)` over every target (nats).
+    pub kl: Option<f64>,
+}
+
+/// Distillation targets for a batch of sequences: per sequence, the teacher's next-token
+/// distributions `(m, vocab)` over its `m` targets, and the loss weight of
+/// `KL(teacher || decoder)` beside the targets' cross-entropy.
+pub struct Teacher {
+    pub probs: Vec<Tensor>,
+    /// Per sequence: the summed entropy of its rows (turns the soft cross-entropy into a KL).
+    pub entropy: Vec<f64>,
+    pub weight: f64,
+}
+
+impl Teacher {
+    /// The decoder's own distributions over each sequence's targets with every chunk expanded
+    /// (the full context the compressed input stands for), detached: distilling them teaches the
+    /// compressed reading to predict what reading the text would, a distribution per target
+    /// rather than one token.
+    pub fn full_context(decoder: &Decoder, seqs: &[Seq], weight: f64) -> Result<Self> {
+        let dev = decoder.device();
+        let full: Vec<Seq> = seqs
+            .iter()
+            .map(|s| Seq {
+                mask: vec![true; s.mask.len()],
+                ..s.clone()
+            })
+            .collect();
+        let mut probs: Vec<Option<Tensor>> = vec![None; seqs.len()];
+        let mut entropy = vec![0f64; seqs.len()];
+        for ((_, m), idx) in length_groups(&full) {
+            let xs = idx
+                .iter()
+                .map(|&i| {
+                    let embed = |ids: &Tensor| Ok(decoder.embed(ids)?);
+                    full[i].layout.assemble(embed, None, &full[i].mask, dev)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let logits = decoder
+                .forward_embeds(&Tensor::cat(&xs, 0)?, None, Logits::Tail(m))?
+                .detach();
+            let vocab = logits.dim(D::Minus1)?;
+            let mut rows = logits
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            rows.par_chunks_mut(vocab)
+                .for_each(crate::kernels::blas::softmax_in_place);
+            let h = super::xent::row_entropy(&rows, vocab);
+            for (j, &i) in idx.iter().enumerate() {
+                let part = rows[j * m * vocab..(j + 1) * m * vocab].to_vec();
+                probs[i] = Some(Tensor::from_vec(part, (m, vocab), dev)?);
+                entropy[i] = h[j * m..(j + 1) * m].iter().sum();
+            }
+        }
+        Ok(Self {
+            probs: probs
+                .into_iter()
+                .map(|p| p.expect("every sequence is in a group"))
+                .collect(),
+            entropy,
+            weight,
+        })
+    }
+}
+
+/// Sequences grouped by (positions, targets): each group is one batched forward pass.
+fn length_groups(seqs: &[Seq]) -> BTreeMap<(usize, usize), Vec<usize>> {
+    let mut groups: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+    for (i, s) in seqs.iter().enumerate() {
+        groups
+            .entry((s.positions(), s.targets.len()))
+            .or_default()
+            .push(i);
+    }
+    groups
 }
 
 /// Run the decoder on each sequence (sequences of equal length share one forward pass) and
@@ -140,49 +217,51 @@ pub fn forward_seqs(
     seqs: &[Seq],
 ) -> Result<SeqOut> {
     let tables = chunk_tables(embed_chunks, decoder, dtok, seqs)?;
-    forward_with_tables(decoder, seqs, tables)
+    forward_with_tables(decoder, seqs, tables, None)
 }
 
 /// [`forward_seqs`] with each sequence's `(L, d)` chunk-embedding table given (rows of
-/// expanded chunks are not read; `None` when every chunk is expanded).
+/// expanded chunks are not read; `None` when every chunk is expanded). With a `teacher`, the
+/// loss adds its weight times the mean soft cross-entropy against the teacher's distributions.
 pub fn forward_with_tables(
     decoder: &Decoder,
     seqs: &[Seq],
     tables: Vec<Option<Tensor>>,
+    teacher: Option<&Teacher>,
 ) -> Result<SeqOut> {
     let dev = decoder.device();
-    // Group sequences by (positions, targets) so each group is one batched forward pass.
-    let mut groups: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
-    for (i, s) in seqs.iter().enumerate() {
-        groups
-            .entry((s.positions(), s.targets.len()))
-            .or_default()
-            .push(i);
-    }
     let mut total: Option<Tensor> = None;
     let (mut tokens, mut correct) = (0usize, 0usize);
+    let mut soft_sum = 0f64;
     let mut nll = vec![0f64; seqs.len()];
-    for ((p, m), idx) in groups {
-        let g = score_group(decoder, seqs, &tables, &idx, p, m)?;
+    for ((p, m), idx) in length_groups(seqs) {
+        let g = score_group(decoder, seqs, &tables, &idx, p, m, teacher)?;
         for (&i, v) in idx.iter().zip(g.nll) {
             nll[i] = v;
         }
         correct += g.correct;
         tokens += idx.len() * m;
+        let mut sum = g.sum;
+        if let (Some(soft), Some(t)) = (g.soft, teacher) {
+            soft_sum += f64::from(soft.to_scalar::<f32>()?);
+            sum = (sum + soft.affine(t.weight, 0.0)?)?;
+        }
         total = Some(match total {
-            Some(t) => (t + g.sum)?,
-            None => g.sum,
+            Some(t) => (t + sum)?,
+            None => sum,
         });
     }
     let loss = match total {
         Some(t) => (t / tokens.max(1) as f64)?,
         None => Tensor::zeros((), DType::F32, dev)?,
     };
+    let kl = teacher.map(|t| (soft_sum - t.entropy.iter().sum::<f64>()) / tokens.max(1) as f64);
     Ok(SeqOut {
         loss,
         nll,
         tokens,
         correct,
+        kl,
     })
 }
 
@@ -190,6 +269,8 @@ pub fn forward_with_tables(
 struct GroupScore {
     /// Sum of the targets' negative log-likelihoods (differentiable).
     sum: Tensor,
+    /// With a teacher: the sum of the targets' soft cross-entropies against it (differentiable).
+    soft: Option<Tensor>,
     /// Per sequence of the group: mean negative log-likelihood.
     nll: Vec<f64>,
     correct: usize,
@@ -202,6 +283,7 @@ fn score_group(
     idx: &[usize],
     p: usize,
     m: usize,
+    teacher: Option<&Teacher>,
 ) -> Result<GroupScore> {
     let dev = decoder.device();
     let xs = idx
@@ -219,7 +301,16 @@ fn score_group(
     let logits = logits.reshape((idx.len() * m, ()))?;
     let targets: Vec<u32> = idx.iter().flat_map(|&i| seqs[i].targets.clone()).collect();
     let t = Tensor::new(targets.as_slice(), dev)?;
-    let tok_nll = super::xent::cross_entropy_rows(&logits.to_dtype(DType::F32)?, &t)?; // (b * m)
+    let logits = logits.to_dtype(DType::F32)?;
+    let tok_nll = super::xent::cross_entropy_rows(&logits, &t)?; // (b * m)
+    let soft = match teacher {
+        Some(teacher) => {
+            let probs: Vec<&Tensor> = idx.iter().map(|&i| &teacher.probs[i]).collect();
+            let probs = Tensor::cat(&probs, 0)?;
+            Some(super::xent::soft_cross_entropy_rows(&logits, &probs)?.sum_all()?)
+        }
+        None => None,
+    };
     let per: Vec<f32> = tok_nll.to_vec1()?;
     let nll = per
         .chunks(m)
@@ -229,6 +320,7 @@ fn score_group(
     let correct = pred.iter().zip(&targets).filter(|(a, b)| a == b).count();
     Ok(GroupScore {
         sum: tok_nll.sum_all()?,
+        soft,
         nll,
         correct,
     })
@@ -285,13 +377,17 @@ fn chunk_tables(
 impl SeqOut {
     /// The counts a training micro-batch of these sequences reports.
     pub fn stats(&self) -> Result<Stats> {
-        Ok(Stats {
+        let mut stats = Stats {
             loss: f64::from(self.loss.to_scalar::<f32>()?),
             micro: 1,
             tokens: self.tokens,
             correct: self.correct,
             ..Default::default()
-        })
+        };
+        if let Some(kl) = self.kl {
+            stats.note("distill_kl", kl);
+        }
+        Ok(stats)
     }
 }
 
@@ -308,6 +404,23 @@ pub fn forward_trained(
         Ok(if grad { e } else { e.detach() })
     };
     forward_seqs(&embed, &dec.decoder, &dec.tok, seqs)
+}
+
+/// [`forward_trained`] with gradients, and with `distill` > 0 the loss plus `distill` times
+/// `KL(full context || compressed)` per target ([`Teacher::full_context`]).
+pub fn forward_trained_distilled(
+    enc: &TrainEncoder,
+    dec: &TrainDecoder,
+    seqs: &[Seq],
+    distill: f64,
+) -> Result<SeqOut> {
+    if distill <= 0.0 {
+        return forward_trained(enc, dec, seqs, true);
+    }
+    let teacher = Teacher::full_context(&dec.decoder, seqs, distill)?;
+    let embed = |texts: &[&str]| -> Result<Tensor> { enc.embed(texts) };
+    let tables = chunk_tables(&embed, &dec.decoder, &dec.tok, seqs)?;
+    forward_with_tables(&dec.decoder, seqs, tables, Some(&teacher))
 }
 
 /// How well a training run's models predict held-out sequences.

@@ -22,7 +22,7 @@ use super::optim::Group;
 use super::parts::{enc_dec_checkpoint, enc_dec_groups, Checkpoint, TrainDecoder};
 use super::qa::{answer_chunks, answer_seq, qa_layout, QaData, QaLayoutArgs};
 use super::run::{Micro, Task};
-use super::seq::{forward_trained, score_trained, Seq};
+use super::seq::{forward_trained, forward_trained_distilled, score_trained, Seq};
 use crate::retrieval::search::Retrieve;
 use crate::select::{first_then_random, num_expand, random_n};
 
@@ -52,6 +52,8 @@ pub struct NextMix {
     pub expand_frac: f64,
     /// Weight of the next-paragraph loss beside the answer loss.
     pub weight: f64,
+    /// Weight of the full-context distillation within the next-paragraph loss (0: none).
+    pub distill: f64,
 }
 
 impl SftTask {
@@ -92,7 +94,7 @@ impl SftTask {
                 next_seq(&m.data, i, self.layout.k, m.expand_frac, bos, rng.random())
             })
             .collect();
-        let loss = forward_trained(&self.enc, &self.dec, &seqs, true)?.loss;
+        let loss = forward_trained_distilled(&self.enc, &self.dec, &seqs, m.distill)?.loss;
         Ok(Some((loss, m.weight)))
     }
 }
