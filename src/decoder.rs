@@ -127,9 +127,23 @@ pub fn decode_mode() -> Result<Option<crate::kernels::qgemv::Act>> {
 /// [`decode_mode`]). Off (`Ok(None)`) for other decoders and devices and with
 /// `REFRAG_DECODE=f32`. Returns the bytes of quantized weights kept.
 pub fn enable_fast_decode(files: &ModelFiles, decoder: &mut Decoder) -> Result<Option<usize>> {
-    match decode_mode()? {
-        Some(act) => enable_fast_decode_as(files, decoder, act),
-        None => Ok(None),
+    let bytes = match decode_mode()? {
+        Some(act) => enable_fast_decode_as(files, decoder, act)?,
+        None => None,
+    };
+    if decoder.device().is_cpu() && decoder.dtype() == DType::F32 {
+        decoder.set_kv_storage(kv_mode()?);
+    }
+    Ok(bytes)
+}
+
+/// The KV cache's storage on the CPU, from `REFRAG_KV`: `f16` (the default: half the bytes a
+/// decoding step reads after a long context, as llama.cpp's default cache) or `f32`.
+pub fn kv_mode() -> Result<Option<DType>> {
+    match std::env::var("REFRAG_KV").as_deref() {
+        Err(_) | Ok("") | Ok("f16") => Ok(Some(DType::F16)),
+        Ok("f32") => Ok(None),
+        Ok(other) => anyhow::bail!("REFRAG_KV={other}: expected f16 or f32"),
     }
 }
 

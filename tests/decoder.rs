@@ -364,6 +364,62 @@ fn cached_decoding_equals_full_forward() {
     assert!(cache.is_empty());
 }
 
+/// A half KV cache (`Decoder::set_kv_storage(F16)`, the CPU default for decoding): prefill in
+/// uneven chunks (a chunk after the first attends rounded past keys), then token by token (the
+/// split-key kernel reads the f16 rows): every position within f16 rounding of the full
+/// forward, with the same arg-max.
+#[test]
+fn a_half_kv_cache_decodes_within_rounding_of_the_full_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut m, _) = hf_model(dir.path(), Arch::Llama);
+    let full = m.forward_ids(&ids(&IDS), None, Logits::All).unwrap();
+    m.set_kv_storage(Some(DType::F16));
+    let mut cache = m.new_cache(4);
+    assert_eq!(cache.storage(), Some(DType::F16));
+    let mut start = 0;
+    for end in [6, 7, 8, 9, 10, 11, 12] {
+        let got = m
+            .forward_ids(&ids(&IDS[start..end]), Some(&mut cache), Logits::All)
+            .unwrap();
+        let want = full.i((.., start..end, ..)).unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = max_diff(&got, &want) / scale;
+        assert!(
+            d > 0.0 || start == 0,
+            "positions {start}..{end}: rounding left no trace"
+        );
+        assert!(
+            d < 2e-3,
+            "positions {start}..{end}: {d} of the largest logit {scale}"
+        );
+        let (a, b): (Vec<u32>, Vec<u32>) = (
+            got.argmax(D::Minus1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap(),
+            want.argmax(D::Minus1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap(),
+        );
+        assert_eq!(a, b, "positions {start}..{end}");
+        start = end;
+    }
+    // The model's own dtype means no conversion at all.
+    m.set_kv_storage(Some(DType::F32));
+    assert_eq!(m.new_cache(4).storage(), None);
+}
+
 #[test]
 fn blocked_long_prefill_equals_unblocked_attention() {
     // Inference attends long inputs in blocks of queries over their causal prefix; the

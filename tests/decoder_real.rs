@@ -276,8 +276,9 @@ fn greedy_continuations_match_quantized_llama() {
 /// The decoding fast path (the default for a GGUF decoder on the CPU): one-row products on the
 /// file's quantized blocks. With f32 activations its greedy continuations are the f32 path's
 /// (the same numbers up to rounding: every continuation identical to the dequantized
-/// reference's), and with 16-bit ones (the default) all but near-ties at most; with 8-bit activations (`REFRAG_DECODE=q8`) they follow the reference's
-/// quantized kernels, where near-ties may flip (gap bounded where they part).
+/// reference's), and with 16-bit ones (the default) all but near-ties at most, also over the
+/// default f16 KV cache; with 8-bit activations (`REFRAG_DECODE=q8`) they follow the
+/// reference's quantized kernels, where near-ties may flip (gap bounded where they part).
 #[test]
 #[ignore = "needs models/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch_models.sh)"]
 fn fast_decode_continuations_match_the_f32_path() {
@@ -304,6 +305,13 @@ fn fast_decode_continuations_match_the_f32_path() {
     let same_q16 = compare_greedy(&q16, &tok, reference(true), 1e-2);
     println!("identical greedy continuations, q16 decode vs dequantized f32: {same_q16} of 20");
     assert!(same_q16 >= 19, "{same_q16} of 20");
+    // The decoding default in full: 16-bit activations over a half KV cache.
+    q16.set_kv_storage(Some(candle_core::DType::F16));
+    let same_half = compare_greedy(&q16, &tok, reference(true), 1e-1);
+    println!(
+        "identical greedy continuations, q16 decode + f16 KV cache vs dequantized f32: {same_half} of 20"
+    );
+    assert!(same_half >= 18, "{same_half} of 20");
 }
 
 /// CPU seconds this process has used (user + system, all threads), from `/proc/self/stat`.

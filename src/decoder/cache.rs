@@ -5,8 +5,12 @@
 //! narrowed view. Nothing is re-allocated per token; if a sequence outgrows the capacity the
 //! buffer doubles (one copy, amortised). `truncate` rolls the cache back, e.g. to reuse a shared
 //! prompt prefix. The cache is for inference: writes in place do not back-propagate.
+//!
+//! A cache may store its keys and values in another dtype than the model computes in
+//! ([`KvCache::stored_as`]): f16 halves the bytes a decoding step reads after a long context
+//! (the split-key attention kernel reads f16 rows directly, as llama.cpp's default cache does).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// Keys and values of one layer.
 #[derive(Debug, Clone, Default)]
@@ -21,6 +25,8 @@ pub struct KvCache {
     layers: Vec<LayerKv>,
     len: usize,
     capacity: usize,
+    /// Storage dtype of keys and values (`None`: the dtype they come in).
+    store: Option<DType>,
 }
 
 impl KvCache {
@@ -30,7 +36,19 @@ impl KvCache {
             layers: vec![LayerKv::default(); num_layers],
             len: 0,
             capacity: capacity.max(1),
+            store: None,
         }
+    }
+
+    /// The same cache storing keys and values as `dtype` (`None`: as they come in).
+    pub fn stored_as(mut self, dtype: Option<DType>) -> Self {
+        self.store = dtype;
+        self
+    }
+
+    /// The storage dtype, when it is fixed.
+    pub fn storage(&self) -> Option<DType> {
+        self.store
     }
 
     /// Number of cached positions.
@@ -64,14 +82,18 @@ impl KvCache {
     }
 
     /// Write `k`, `v` (b, kv_heads, t, head_dim) of layer `layer` at the current length and
-    /// return all cached keys and values (b, kv_heads, len + t, head_dim). The length itself
-    /// advances in `advance`, once every layer has been written.
+    /// return all cached keys and values (b, kv_heads, len + t, head_dim), in the storage dtype.
+    /// The length itself advances in `advance`, once every layer has been written.
     pub(crate) fn append(
         &mut self,
         layer: usize,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.store {
+            Some(dt) if dt != k.dtype() => (k.to_dtype(dt)?, v.to_dtype(dt)?),
+            _ => (k.clone(), v.clone()),
+        };
         let (b, h, t, d) = k.dims4()?;
         let end = self.len + t;
         if end > self.capacity {
@@ -143,6 +165,22 @@ mod tests {
         c.advance(2);
         assert_eq!(k.dims(), &[1, 1, 3, 4]);
         assert_eq!(c.len(), 3);
+        Ok(())
+    }
+
+    #[test]
+    fn a_half_cache_stores_f16_and_reads_back_the_values_rounded() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(1, 2).stored_as(Some(DType::F16));
+        let a = (Tensor::arange(0f32, 8., &dev)?.reshape((1, 1, 2, 4))? * 0.3)?;
+        c.append(0, &a, &a)?;
+        c.advance(2);
+        let (k, v) = c.append(0, &a, &a)?; // grows, copying the f16 rows
+        assert_eq!((k.dtype(), v.dtype()), (DType::F16, DType::F16));
+        let want = Tensor::cat(&[&a, &a], 2)?;
+        let back = k.to_dtype(DType::F32)?;
+        let diff = (back - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 2e-3, "{diff}");
         Ok(())
     }
 }

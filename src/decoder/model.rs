@@ -136,6 +136,8 @@ pub struct Decoder {
     quantized: bool,
     device: Device,
     dtype: DType,
+    /// Storage dtype of the KV caches [`Decoder::new_cache`] makes (`None`: `dtype`).
+    kv_store: Option<DType>,
 }
 
 impl Decoder {
@@ -181,6 +183,7 @@ impl Decoder {
             quantized: false,
             device: vb.device().clone(),
             dtype: embed.dtype(),
+            kv_store: None,
         })
     }
 
@@ -302,9 +305,17 @@ impl Decoder {
         self.cfg.hidden_size
     }
 
-    /// An empty KV cache with room for `capacity` positions (grows if exceeded).
+    /// An empty KV cache with room for `capacity` positions (grows if exceeded), storing keys
+    /// and values as [`Decoder::set_kv_storage`] says.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
-        KvCache::new(self.cfg.num_hidden_layers, capacity)
+        KvCache::new(self.cfg.num_hidden_layers, capacity).stored_as(self.kv_store)
+    }
+
+    /// Store the keys and values of new caches as `dtype` (`None`: the model's dtype). F16
+    /// halves what a decoding step reads after a long context; the CPU's decoding attention
+    /// reads it in place, prefill attends its own unrounded keys.
+    pub fn set_kv_storage(&mut self, dtype: Option<DType>) {
+        self.kv_store = dtype.filter(|&d| d != self.dtype);
     }
 
     /// Token embeddings: ids `(b, t)` u32 -> `(b, t, d)`.

@@ -10,6 +10,7 @@ use super::proj::Proj;
 use super::softmax_dtype;
 use crate::decoder::cache::KvCache;
 use crate::decoder::config::DecoderConfig;
+use crate::kernels::blas::FEW_ROWS;
 
 /// What every layer needs for one forward call.
 pub(super) struct Step<'a> {
@@ -88,7 +89,18 @@ impl Attention {
         let k = self.rope(&self.heads(self.k_proj.forward(x)?, self.n_kv)?, s)?; // (b, kv, t, hd)
         let v = self.heads(self.v_proj.forward(x)?, self.n_kv)?; // (b, kv, t, hd)
         let (k, v) = match cache {
-            Some((c, layer)) => c.append(layer, &k, &v)?, // (b, kv, L, hd)
+            Some((c, layer)) => {
+                let past = c.len();
+                let (kc, vc) = c.append(layer, &k, &v)?; // (b, kv, L, hd)
+                if kc.dtype() == k.dtype() || (self.reads_half_cache(&q, s) && t <= FEW_ROWS) {
+                    (kc, vc)
+                } else if past == 0 {
+                    // A prefill from empty: its own keys are the whole cache, unrounded.
+                    (k, v)
+                } else {
+                    (kc.to_dtype(k.dtype())?, vc.to_dtype(k.dtype())?)
+                }
+            }
             None => (k, v),
         };
         if self.reference_order {
@@ -116,7 +128,7 @@ impl Attention {
                 .reshape((b, t, self.n_head * self.head_dim))?;
             return self.o_proj.forward(&y);
         }
-        if !s.grad && k.device().is_cpu() && k.dtype() == DType::F32 {
+        if !s.grad && k.device().is_cpu() && q.dtype() == DType::F32 {
             // Fused blocked attention through the system BLAS, reading the cache in place.
             let scale = 1.0 / (self.head_dim as f32).sqrt();
             let y = crate::kernels::blas::causal_attention(&q, &k, &v, scale)?; // (b, t, h, hd)
@@ -136,6 +148,12 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, self.n_head * self.head_dim))?;
         self.o_proj.forward(&y)
+    }
+
+    /// Whether a decoding step reads an f16 cache in place: the CPU's split-key kernel does,
+    /// for f32 queries without gradients; the other paths get f32 copies.
+    fn reads_half_cache(&self, q: &Tensor, s: &Step) -> bool {
+        !s.grad && !self.reference_order && q.device().is_cpu() && q.dtype() == DType::F32
     }
 
     /// Scaled dot-product attention of `q` (b, h, t, hd) over `k`, `v` (b, kv, L, hd), with the

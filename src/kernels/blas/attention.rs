@@ -4,12 +4,12 @@
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::decode_attention::{few_rows, Dims, KvHead};
+use super::decode_attention::{few_rows, Dims, KvData, KvHead};
 use super::{contiguous_f32, sgemm, softmax_in_place};
 
 /// Causal attention on the CPU in f32, without gradients: `q` `(b, h, t, hd)`, `k` and `v`
 /// `(b, kv, L, hd)` (strided views of a KV cache are read in place; the last axis must be
-/// contiguous), `L = past + t`, query `i` sees keys `0 ..= past + i`; grouped-query heads share
+/// contiguous; f16 keys and values are read for at most [`FEW_ROWS`] query rows), `L = past + t`, query `i` sees keys `0 ..= past + i`; grouped-query heads share
 /// their KV head. Returns `(b, t, h, hd)`, ready to be flattened to `(b, t, h * hd)`.
 ///
 /// Queries go in blocks of `BLOCK` rows, each against only its causal prefix of keys: two
@@ -55,7 +55,17 @@ fn kv_rows(l: &Layout, b: usize, head: usize) -> Result<(usize, usize)> {
 fn f32_data(s: &CpuStorage) -> Result<&[f32]> {
     match s {
         CpuStorage::F32(v) => Ok(v.as_slice()),
-        _ => candle_core::bail!("attention: expected f32"),
+        _ => candle_core::bail!(
+            "attention: expected f32 keys and values (f16 only for a few query rows)"
+        ),
+    }
+}
+
+fn kv_data(s: &CpuStorage) -> Result<KvData<'_>> {
+    match s {
+        CpuStorage::F32(v) => Ok(KvData::F32(v.as_slice())),
+        CpuStorage::F16(v) => Ok(KvData::F16(v.as_slice())),
+        _ => candle_core::bail!("attention: keys and values must be f32 or f16"),
     }
 }
 
@@ -87,7 +97,6 @@ impl candle_core::CustomOp3 for CausalAttention {
         let past = len - t;
         let rep = h / nkv;
         let q = contiguous_f32(sq, lq)?;
-        let (kd, vd) = (f32_data(sk)?, f32_data(sv)?);
         let mut out = vec![0f32; b * t * h * hd];
         if t <= FEW_ROWS && self.few_rows {
             let mut kv = Vec::with_capacity(b * nkv);
@@ -106,9 +115,10 @@ impl candle_core::CustomOp3 for CausalAttention {
                 hd,
                 len,
             };
-            few_rows(q, kd, vd, &kv, &d, self.scale, &mut out);
+            few_rows(q, kv_data(sk)?, kv_data(sv)?, &kv, &d, self.scale, &mut out);
             return Ok((CpuStorage::F32(out), Shape::from((b, t, h, hd))));
         }
+        let (kd, vd) = (f32_data(sk)?, f32_data(sv)?);
         let mut scores = vec![0f32; BLOCK.min(t) * len];
         for bi in 0..b {
             for head in 0..h {
@@ -178,10 +188,22 @@ mod tests {
     #[test]
     fn few_rows_match_the_blocked_sgemms() {
         // Decoding steps (1 to FEW_ROWS rows) over caches shorter than, equal to and longer
-        // than one key block, two batch rows, grouped-query heads, a strided cache view.
+        // than one key block, two batch rows, grouped-query heads, a strided cache view; head
+        // sizes the AVX2 kernel takes (64, 128) and one it leaves to the portable one (24).
         let dev = Device::Cpu;
-        let (h, kv, hd) = (6, 2, 24);
-        for (t, past) in [(1, 0), (1, 255), (2, 256), (3, 700), (FEW_ROWS, 513)] {
+        let (h, kv) = (6, 2);
+        for (t, past, hd) in [
+            (1, 0, 24),
+            (1, 255, 24),
+            (2, 256, 24),
+            (3, 700, 24),
+            (FEW_ROWS, 513, 24),
+            (1, 0, 64),
+            (1, 13, 64),
+            (1, 300, 64),
+            (2, 517, 64),
+            (FEW_ROWS, 255, 128),
+        ] {
             let len = past + t;
             let q = Tensor::randn(0f32, 1., (2, h, t, hd), &dev).unwrap();
             let kbuf = Tensor::randn(0f32, 1., (2, kv, len + 9, hd), &dev).unwrap();
@@ -192,9 +214,10 @@ mod tests {
             let want = causal_attention_blocked(&q, &k, &v, 0.4).unwrap();
             assert_eq!(got.dims(), want.dims());
             let d = close(&got, &want);
-            assert!(d < 1e-5, "t {t}, past {past}: {d}");
+            assert!(d < 1e-5, "t {t}, past {past}, hd {hd}: {d}");
         }
         // More rows than FEW_ROWS take the blocked path: identical.
+        let hd = 24;
         let q = Tensor::randn(0f32, 1., (1, h, FEW_ROWS + 1, hd), &dev).unwrap();
         let k = Tensor::randn(0f32, 1., (1, kv, 40, hd), &dev).unwrap();
         let v = Tensor::randn(0f32, 1., (1, kv, 40, hd), &dev).unwrap();
@@ -203,6 +226,42 @@ mod tests {
             causal_attention_blocked(&q, &k, &v, 0.4).unwrap(),
         );
         assert_eq!(close(&a, &b), 0.0);
+    }
+
+    #[test]
+    fn few_rows_read_f16_keys_and_values_as_their_f32_values() {
+        // A half KV cache: the kernel widens f16 rows; the result equals attention over the
+        // same (rounded) values in f32, across key blocks and a strided view.
+        let dev = Device::Cpu;
+        let (h, kv) = (6, 2);
+        for (t, past, hd) in [
+            (1, 0, 24),
+            (1, 300, 24),
+            (3, 600, 24),
+            (1, 5, 64),
+            (3, 700, 64),
+        ] {
+            let len = past + t;
+            let q = Tensor::randn(0f32, 1., (1, h, t, hd), &dev).unwrap();
+            let kbuf = Tensor::randn(0f32, 1., (1, kv, len + 5, hd), &dev).unwrap();
+            let vbuf = Tensor::randn(0f32, 1., (1, kv, len + 5, hd), &dev).unwrap();
+            let (kh, vh) = (
+                kbuf.to_dtype(candle_core::DType::F16).unwrap(),
+                vbuf.to_dtype(candle_core::DType::F16).unwrap(),
+            );
+            let (k16, v16) = (kh.narrow(2, 0, len).unwrap(), vh.narrow(2, 0, len).unwrap());
+            let wide = |x: &Tensor| x.to_dtype(candle_core::DType::F32).unwrap();
+            let (k32, v32) = (wide(&k16), wide(&v16));
+            let got = causal_attention(&q, &k16, &v16, 0.4).unwrap();
+            let want = causal_attention_blocked(&q, &k32, &v32, 0.4).unwrap();
+            let d = close(&got, &want);
+            assert!(d < 1e-5, "t {t}, past {past}, hd {hd}: {d}");
+        }
+        // More rows than FEW_ROWS need f32: a one-line error, not a wrong answer.
+        let hd = 24;
+        let q = Tensor::randn(0f32, 1., (1, h, FEW_ROWS + 1, hd), &dev).unwrap();
+        let k = Tensor::zeros((1, kv, 40, hd), candle_core::DType::F16, &dev).unwrap();
+        assert!(causal_attention(&q, &k, &k, 0.4).is_err());
     }
 
     #[test]

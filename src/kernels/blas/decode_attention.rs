@@ -2,8 +2,16 @@
 //! keys, each block's partial softmax merged by its log-sum-exp (flash-decoding), so both cores
 //! share one query row's keys and each key/value row is read from memory once for all the query
 //! heads that share it. Vectorised dot products and exponentials, compiled for AVX-512 or
-//! AVX2+FMA and chosen at run time.
+//! AVX2+FMA and chosen at run time. Keys and values may be f16 (a half KV cache): each task
+//! widens its block's rows into a per-thread f32 buffer (F16C where the CPU has it) and then
+//! runs the same f32 kernel, so the cache streams half the bytes from memory.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+use std::cell::RefCell;
+
+use half::{f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 use super::softmax::{exp_poly, max_of, simd_dispatch};
@@ -36,6 +44,103 @@ struct Partial {
     m: Vec<f32>,
     l: Vec<f32>,
     o: Vec<f32>,
+}
+
+/// Tests and benchmarks: `REFRAG_ATTN=portable` keeps the AVX2 kernels off.
+fn portable_only() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("REFRAG_ATTN").as_deref() == Ok("portable"))
+}
+
+/// Keys or values as the cache stores them.
+#[derive(Clone, Copy)]
+pub(super) enum KvData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+thread_local! {
+    /// Per thread: a task's key and value rows widened from f16.
+    static WIDE: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Rows `j0..j1` (stride `ld`, from `at`) of `hd` halves, widened into `dst` contiguously.
+fn widen(src: &[f16], at: usize, ld: usize, j0: usize, j1: usize, hd: usize, dst: &mut Vec<f32>) {
+    dst.resize((j1 - j0) * hd, 0.0);
+    for (j, row) in (j0..j1).zip(dst.chunks_exact_mut(hd)) {
+        src[at + j * ld..][..hd].convert_to_f32_slice(row);
+    }
+}
+
+/// [`attend_block`] over keys and values in either storage: the AVX2 kernels where the CPU
+/// and head size allow (f16 read in registers), else the portable kernel (f16 rows widened
+/// into a per-thread buffer first).
+fn attend_any(
+    q: &[f32],
+    seen: &[usize],
+    k: KvData<'_>,
+    v: KvData<'_>,
+    kv: &KvHead,
+    (j0, j1): (usize, usize),
+    hd: usize,
+) -> Partial {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() && avx2::fits(hd) && !portable_only() {
+        // SAFETY: the CPU has the kernels' features and `hd` fits; the rows are in range (the
+        // kernels assert it).
+        match (k, v) {
+            (KvData::F32(k), KvData::F32(v)) => unsafe {
+                return avx2::attend_f32(q, seen, k, v, kv, (j0, j1), hd);
+            },
+            (KvData::F16(k), KvData::F16(v)) => unsafe {
+                return avx2::attend_f16(q, seen, k, v, kv, (j0, j1), hd);
+            },
+            _ => {}
+        }
+    }
+    match (k, v) {
+        (KvData::F32(k), KvData::F32(v)) => attend_block(&Job {
+            q,
+            seen,
+            k,
+            v,
+            kv,
+            j0,
+            j1,
+            hd,
+        }),
+        (k, v) => WIDE.with(|w| {
+            let (wk, wv) = &mut *w.borrow_mut();
+            let n = j1 - j0;
+            for (src, at, ld, dst) in [(k, kv.k0, kv.ldk, &mut *wk), (v, kv.v0, kv.ldv, &mut *wv)] {
+                match src {
+                    KvData::F16(s) => widen(s, at, ld, j0, j1, hd, dst),
+                    KvData::F32(s) => {
+                        dst.clear();
+                        (j0..j1).for_each(|j| dst.extend_from_slice(&s[at + j * ld..][..hd]));
+                    }
+                }
+            }
+            // The widened block: its rows are keys j0.. at stride hd, from 0.
+            let local = KvHead {
+                k0: 0,
+                ldk: hd,
+                v0: 0,
+                ldv: hd,
+            };
+            let shifted: Vec<usize> = seen.iter().map(|&s| s.saturating_sub(j0)).collect();
+            attend_block(&Job {
+                q,
+                seen: &shifted,
+                k: &wk[..n * hd],
+                v: &wv[..n * hd],
+                kv: &local,
+                j0: 0,
+                j1: n,
+                hd,
+            })
+        }),
+    }
 }
 
 /// A task: the `rows` query rows of one KV head (pre-scaled, `rows x hd`) over keys `j0..j1`.
@@ -121,8 +226,8 @@ fn attend_block_generic(job: &Job<'_>) -> Partial {
 /// `(b, t, h, hd)`. `kv[bi * nkv + g]` locates batch row `bi`'s KV head `g` in `k` / `v`.
 pub(super) fn few_rows(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: KvData<'_>,
+    v: KvData<'_>,
     kv: &[KvHead],
     d: &Dims,
     scale: f32,
@@ -158,16 +263,7 @@ pub(super) fn few_rows(
         .map(|task| {
             let (_, _, rows, kvh) = &heads[task / blocks];
             let j0 = (task % blocks) * KEY_BLOCK;
-            attend_block(&Job {
-                q: rows,
-                seen: &seen,
-                k,
-                v,
-                kv: kvh,
-                j0,
-                j1: (j0 + KEY_BLOCK).min(len),
-                hd,
-            })
+            attend_any(rows, &seen, k, v, kvh, (j0, (j0 + KEY_BLOCK).min(len)), hd)
         })
         .collect();
     for (hi, (bi, g, _, _)) in heads.iter().enumerate() {
