@@ -134,6 +134,15 @@ fn loop_config(
 
 /// Run the loop and report: the evaluation on stdout, or exit 130 after an interrupt.
 fn finish(task: &mut dyn Task, cfg: &LoopConfig) -> Result<()> {
+    // A training step is many mid-sized products between elementwise work, and OpenBLAS's
+    // threads spin between them: on two cores a cpt_next step (batch 8) took 14 s with two BLAS
+    // threads alone on the machine, and 10 s with one BLAS and one rayon thread while a second
+    // run used the other core. Unless OPENBLAS_NUM_THREADS says otherwise, products run on the
+    // calling thread (the elementwise work still runs on every core).
+    let _one_thread = match std::env::var_os("OPENBLAS_NUM_THREADS") {
+        None => crate::kernels::blas::threads::one_thread(),
+        Some(_) => None,
+    };
     match run::train(task, cfg, stop_flag())? {
         Outcome::Interrupted { step } => {
             eprintln!(
