@@ -184,6 +184,25 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// `fused` and `plain` (per-row losses of `x`) agree, and so do the gradients of their sums
+    /// weighted by `w` with respect to `x`.
+    fn same_values_and_gradients(x: &Var, fused: &Tensor, plain: &Tensor, w: &Tensor) {
+        let a: Vec<f32> = fused.to_vec1().unwrap();
+        let b: Vec<f32> = plain.to_vec1().unwrap();
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+        }
+        let grad = |y: &Tensor| -> Vec<Vec<f32>> {
+            let g = (y * w).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(x.as_tensor()).unwrap().to_vec2().unwrap()
+        };
+        for (ra, rb) in grad(fused).iter().zip(&grad(plain)) {
+            for (p, q) in ra.iter().zip(rb) {
+                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+            }
+        }
+    }
+
     #[test]
     fn fused_cross_entropy_equals_log_softmax_gather_forward_and_backward() {
         let dev = Device::Cpu;
@@ -199,20 +218,7 @@ mod tests {
             .unwrap()
             .neg()
             .unwrap();
-        let a: Vec<f32> = fused.to_vec1().unwrap();
-        let b: Vec<f32> = plain.to_vec1().unwrap();
-        for (p, q) in a.iter().zip(&b) {
-            assert!((p - q).abs() < 1e-4, "{p} vs {q}");
-        }
-        let ga = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let ga: Vec<Vec<f32>> = ga.get(x.as_tensor()).unwrap().to_vec2().unwrap();
-        let gb: Vec<Vec<f32>> = gb.get(x.as_tensor()).unwrap().to_vec2().unwrap();
-        for (ra, rb) in ga.iter().zip(&gb) {
-            for (p, q) in ra.iter().zip(rb) {
-                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
-            }
-        }
+        same_values_and_gradients(&x, &fused, &plain, &w);
     }
 
     #[test]
@@ -229,20 +235,7 @@ mod tests {
             .unwrap()
             .neg()
             .unwrap();
-        let a: Vec<f32> = fused.to_vec1().unwrap();
-        let b: Vec<f32> = plain.to_vec1().unwrap();
-        for (u, v) in a.iter().zip(&b) {
-            assert!((u - v).abs() < 1e-4, "{u} vs {v}");
-        }
-        let ga = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let ga: Vec<Vec<f32>> = ga.get(x.as_tensor()).unwrap().to_vec2().unwrap();
-        let gb: Vec<Vec<f32>> = gb.get(x.as_tensor()).unwrap().to_vec2().unwrap();
-        for (ra, rb) in ga.iter().zip(&gb) {
-            for (u, v) in ra.iter().zip(rb) {
-                assert!((u - v).abs() < 1e-5, "{u} vs {v}");
-            }
-        }
+        same_values_and_gradients(&x, &fused, &plain, &w);
     }
 
     #[test]
