@@ -158,17 +158,10 @@ impl Teacher {
             .collect();
         let mut probs: Vec<Option<Tensor>> = vec![None; seqs.len()];
         let mut entropy = vec![0f64; seqs.len()];
+        let no_tables = vec![None; full.len()];
         for ((_, m), idx) in length_groups(&full) {
-            let xs = idx
-                .iter()
-                .map(|&i| {
-                    let embed = |ids: &Tensor| Ok(decoder.embed(ids)?);
-                    full[i].layout.assemble(embed, None, &full[i].mask, dev)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let logits = decoder
-                .forward_embeds(&Tensor::cat(&xs, 0)?, None, Logits::Tail(m))?
-                .detach();
+            let x = group_input(decoder, &full, &no_tables, &idx)?;
+            let logits = decoder.forward_embeds(&x, None, Logits::Tail(m))?.detach();
             let vocab = logits.dim(D::Minus1)?;
             let mut rows = logits
                 .to_dtype(DType::F32)?
@@ -192,6 +185,27 @@ impl Teacher {
             weight,
         })
     }
+}
+
+/// The decoder input `(b, p, d)` of the group `idx` of equal-length sequences: each one's
+/// token embeddings with its compressed chunks' rows taken from its table.
+fn group_input(
+    decoder: &Decoder,
+    seqs: &[Seq],
+    tables: &[Option<Tensor>],
+    idx: &[usize],
+) -> Result<Tensor> {
+    let dev = decoder.device();
+    let xs = idx
+        .iter()
+        .map(|&i| {
+            let embed = |ids: &Tensor| Ok(decoder.embed(ids)?);
+            seqs[i]
+                .layout
+                .assemble(embed, tables[i].as_ref(), &seqs[i].mask, dev)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&xs, 0)?)
 }
 
 /// Sequences grouped by (positions, targets): each group is one batched forward pass.
@@ -286,16 +300,7 @@ fn score_group(
     teacher: Option<&Teacher>,
 ) -> Result<GroupScore> {
     let dev = decoder.device();
-    let xs = idx
-        .iter()
-        .map(|&i| {
-            let embed = |ids: &Tensor| Ok(decoder.embed(ids)?);
-            seqs[i]
-                .layout
-                .assemble(embed, tables[i].as_ref(), &seqs[i].mask, dev)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let x = Tensor::cat(&xs, 0)?; // (b, p, d)
+    let x = group_input(decoder, seqs, tables, idx)?; // (b, p, d)
     debug_assert!(m <= p);
     let logits = decoder.forward_embeds(&x, None, Logits::Tail(m))?; // (b, m, V)
     let logits = logits.reshape((idx.len() * m, ()))?;

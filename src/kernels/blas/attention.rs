@@ -2,9 +2,10 @@
 //! queries against their causal prefix of keys, two `sgemm`s per block and head around the
 //! vectorised in-place softmax.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::decode_attention::{few_rows, Dims, KvData, KvHead};
+use super::decode_attention::{few_rows, Dims, Kv, KvHead};
 use super::{contiguous_f32, sgemm, softmax_in_place};
 
 /// Causal attention on the CPU in f32, without gradients: `q` `(b, h, t, hd)`, `k` and `v`
@@ -61,11 +62,16 @@ fn f32_data(s: &CpuStorage) -> Result<&[f32]> {
     }
 }
 
-fn kv_data(s: &CpuStorage) -> Result<KvData<'_>> {
-    match s {
-        CpuStorage::F32(v) => Ok(KvData::F32(v.as_slice())),
-        CpuStorage::F16(v) => Ok(KvData::F16(v.as_slice())),
-        _ => candle_core::bail!("attention: keys and values must be f32 or f16"),
+/// Keys and values of one storage type, f32 or f16.
+fn kv_data<'a>(k: &'a CpuStorage, v: &'a CpuStorage) -> Result<Kv<'a>> {
+    match (k, v) {
+        (CpuStorage::F32(k), CpuStorage::F32(v)) => Ok(Kv::F32 { k, v }),
+        (CpuStorage::F16(k), CpuStorage::F16(v)) => Ok(Kv::F16 { k, v }),
+        (k, v) => candle_core::bail!(
+            "attention: keys ({:?}) and values ({:?}) must both be f32 or both f16",
+            k.dtype(),
+            v.dtype()
+        ),
     }
 }
 
@@ -115,7 +121,7 @@ impl candle_core::CustomOp3 for CausalAttention {
                 hd,
                 len,
             };
-            few_rows(q, kv_data(sk)?, kv_data(sv)?, &kv, &d, self.scale, &mut out);
+            few_rows(q, kv_data(sk, sv)?, &kv, &d, self.scale, &mut out);
             return Ok((CpuStorage::F32(out), Shape::from((b, t, h, hd))));
         }
         let (kd, vd) = (f32_data(sk)?, f32_data(sv)?);

@@ -1,10 +1,12 @@
 //! Attention of a few query rows over a long KV cache (a decoding step): split over blocks of
 //! keys, each block's partial softmax merged by its log-sum-exp (flash-decoding), so both cores
 //! share one query row's keys and each key/value row is read from memory once for all the query
-//! heads that share it. Vectorised dot products and exponentials, compiled for AVX-512 or
-//! AVX2+FMA and chosen at run time. Keys and values may be f16 (a half KV cache): each task
-//! widens its block's rows into a per-thread f32 buffer (F16C where the CPU has it) and then
-//! runs the same f32 kernel, so the cache streams half the bytes from memory.
+//! heads that share it. Keys and values are f32 or f16 (the half KV cache, the CPU default).
+//! Where the CPU has AVX2 + FMA + F16C and the head size is a multiple of 64, the split-key
+//! kernels of [`avx2`] read either storage in registers (f16 widened there), reduce eight keys'
+//! dot products together and keep each output row in registers across the block. Elsewhere the
+//! portable kernel (vectorised dots and exponentials, compiled for AVX-512 or AVX2+FMA and
+//! chosen at run time) runs on f32 rows, an f16 block widened first into a per-thread buffer.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -52,11 +54,11 @@ fn portable_only() -> bool {
     *OFF.get_or_init(|| std::env::var("REFRAG_ATTN").as_deref() == Ok("portable"))
 }
 
-/// Keys or values as the cache stores them.
+/// Keys and values as the cache stores them: both in one storage type.
 #[derive(Clone, Copy)]
-pub(super) enum KvData<'a> {
-    F32(&'a [f32]),
-    F16(&'a [f16]),
+pub(super) enum Kv<'a> {
+    F32 { k: &'a [f32], v: &'a [f32] },
+    F16 { k: &'a [f16], v: &'a [f16] },
 }
 
 thread_local! {
@@ -78,8 +80,7 @@ fn widen(src: &[f16], at: usize, ld: usize, j0: usize, j1: usize, hd: usize, dst
 fn attend_any(
     q: &[f32],
     seen: &[usize],
-    k: KvData<'_>,
-    v: KvData<'_>,
+    kv_data: Kv<'_>,
     kv: &KvHead,
     (j0, j1): (usize, usize),
     hd: usize,
@@ -88,18 +89,13 @@ fn attend_any(
     if avx2::available() && avx2::fits(hd) && !portable_only() {
         // SAFETY: the CPU has the kernels' features and `hd` fits; the rows are in range (the
         // kernels assert it).
-        match (k, v) {
-            (KvData::F32(k), KvData::F32(v)) => unsafe {
-                return avx2::attend_f32(q, seen, k, v, kv, (j0, j1), hd);
-            },
-            (KvData::F16(k), KvData::F16(v)) => unsafe {
-                return avx2::attend_f16(q, seen, k, v, kv, (j0, j1), hd);
-            },
-            _ => {}
-        }
+        return match kv_data {
+            Kv::F32 { k, v } => unsafe { avx2::attend_f32(q, seen, k, v, kv, (j0, j1), hd) },
+            Kv::F16 { k, v } => unsafe { avx2::attend_f16(q, seen, k, v, kv, (j0, j1), hd) },
+        };
     }
-    match (k, v) {
-        (KvData::F32(k), KvData::F32(v)) => attend_block(&Job {
+    match kv_data {
+        Kv::F32 { k, v } => attend_block(&Job {
             q,
             seen,
             k,
@@ -109,18 +105,11 @@ fn attend_any(
             j1,
             hd,
         }),
-        (k, v) => WIDE.with(|w| {
+        Kv::F16 { k, v } => WIDE.with(|w| {
             let (wk, wv) = &mut *w.borrow_mut();
             let n = j1 - j0;
-            for (src, at, ld, dst) in [(k, kv.k0, kv.ldk, &mut *wk), (v, kv.v0, kv.ldv, &mut *wv)] {
-                match src {
-                    KvData::F16(s) => widen(s, at, ld, j0, j1, hd, dst),
-                    KvData::F32(s) => {
-                        dst.clear();
-                        (j0..j1).for_each(|j| dst.extend_from_slice(&s[at + j * ld..][..hd]));
-                    }
-                }
-            }
+            widen(k, kv.k0, kv.ldk, j0, j1, hd, wk);
+            widen(v, kv.v0, kv.ldv, j0, j1, hd, wv);
             // The widened block: its rows are keys j0.. at stride hd, from 0.
             let local = KvHead {
                 k0: 0,
@@ -226,8 +215,7 @@ fn attend_block_generic(job: &Job<'_>) -> Partial {
 /// `(b, t, h, hd)`. `kv[bi * nkv + g]` locates batch row `bi`'s KV head `g` in `k` / `v`.
 pub(super) fn few_rows(
     q: &[f32],
-    k: KvData<'_>,
-    v: KvData<'_>,
+    kv_data: Kv<'_>,
     kv: &[KvHead],
     d: &Dims,
     scale: f32,
@@ -263,7 +251,14 @@ pub(super) fn few_rows(
         .map(|task| {
             let (_, _, rows, kvh) = &heads[task / blocks];
             let j0 = (task % blocks) * KEY_BLOCK;
-            attend_any(rows, &seen, k, v, kvh, (j0, (j0 + KEY_BLOCK).min(len)), hd)
+            attend_any(
+                rows,
+                &seen,
+                kv_data,
+                kvh,
+                (j0, (j0 + KEY_BLOCK).min(len)),
+                hd,
+            )
         })
         .collect();
     for (hi, (bi, g, _, _)) in heads.iter().enumerate() {
