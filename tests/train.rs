@@ -27,7 +27,7 @@ use refrag::train::policy::{
     answer_mass_loss, init_policy_vars, order_mask, policy_over, reinforce_loss, sample_order,
 };
 use refrag::train::qa::{answer_chunks, qa_layout, QaData, QaLayoutArgs};
-use refrag::train::run::{self, LoopConfig, Micro, Outcome, Task};
+use refrag::train::run::{self, Drawn, LoopConfig, Micro, Outcome, Task};
 use refrag::train::schedule::{step_rng, Curriculum, LrSchedule};
 use refrag::train::seq::Seq;
 use refrag::train::sft::{NextMix, SftTask};
@@ -99,7 +99,7 @@ fn sft_task(f: &Fixture) -> SftTask {
         enc,
         dec,
         data: QaData::new(qa_pairs(8), 2).unwrap(),
-        retriever: Box::new(FakeRetriever),
+        retriever: std::sync::Mutex::new(Box::new(FakeRetriever)),
         layout: QaLayoutArgs {
             topk: 2,
             mode: RetrievalMode::Hybrid,
@@ -355,6 +355,7 @@ fn loop_config(dir: &Path, steps: usize, seed: u64, resume: bool) -> LoopConfig 
         } else {
             None
         },
+        workers: false,
     }
 }
 
@@ -449,8 +450,11 @@ impl Task for StopAt<'_> {
         }
         self.inner.begin_step(step, total, rng)
     }
-    fn micro(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Micro>> {
-        self.inner.micro(items, rng)
+    fn draw(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Drawn>> {
+        self.inner.draw(items, rng)
+    }
+    fn loss(&self, drawn: &Drawn) -> Result<Micro> {
+        self.inner.loss(drawn)
     }
     fn evaluate(&mut self) -> Result<Value> {
         self.inner.evaluate()
@@ -532,6 +536,43 @@ fn two_plus_two_resumed_steps_equal_four() {
         for key in ["step", "lr", "loss", "chunks"] {
             assert_eq!(x[key], y[key], "{key}: {x} vs {y}");
         }
+    }
+}
+
+#[test]
+fn micro_batches_side_by_side_equal_one_by_one() {
+    // Four micro-batches a step, their losses and gradients computed on the BLAS's threads as
+    // workers, against one by one: the gradients are summed in micro-batch order either way.
+    let f = Fixture::new();
+    let stop = AtomicBool::new(false);
+    for (dir, workers) in [("one", false), ("side", true)] {
+        let mut task = cpt_task(&f, CptMode::Next, 2);
+        let mut cfg = loop_config(&f.path(dir), 3, 2, false);
+        (cfg.batch_size, cfg.micro_batch, cfg.workers, cfg.eval) = (4, 1, workers, false);
+        run::train(&mut task, &cfg, &stop).unwrap();
+    }
+    let (a, b) = (log_lines(&f.path("one")), log_lines(&f.path("side")));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        assert!((lx - ly).abs() <= 1e-5 * lx.abs(), "loss {x} vs {y}");
+        let (nx, ny) = (
+            x["grad_norm"].as_f64().unwrap(),
+            y["grad_norm"].as_f64().unwrap(),
+        );
+        assert!(
+            (nx - ny).abs() <= 1e-4 * nx.abs(),
+            "gradient norm {x} vs {y}"
+        );
+    }
+    let read = |d: &str| {
+        let p = f.path(d).join("projector.safetensors");
+        candle_core::safetensors::load(p, &dev()).unwrap()
+    };
+    let (wa, wb) = (read("one"), read("side"));
+    for (name, t) in &wa {
+        let d = refrag::testing::max_abs_diff(t, &wb[name]);
+        assert!(d < 1e-5, "{name}: side by side differs by {d}");
     }
 }
 

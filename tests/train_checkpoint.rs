@@ -194,6 +194,7 @@ fn run_cpt(f: &Fixture, mode: CptMode, load: Option<&str>, out: &str) -> std::pa
         quiet: true,
         eval: false,
         resume: None,
+        workers: false,
     };
     run::train(&mut task, &cfg, &AtomicBool::new(false)).unwrap();
     out

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use super::encoder::TrainEncoder;
 use super::optim::Group;
 use super::parts::{enc_dec_checkpoint, enc_dec_groups, Checkpoint, TrainDecoder};
-use super::run::{Micro, Task};
+use super::run::{Drawn, Micro, Task};
 use super::schedule::Curriculum;
 use super::seq::{
     forward_trained, forward_trained_distilled, perplexity, score_trained, Seq, SeqOut,
@@ -384,6 +384,12 @@ impl CptTask {
     }
 }
 
+/// A CPT micro-batch: its sequences and their chunk count.
+struct CptDrawn {
+    seqs: Vec<Seq>,
+    chunks: usize,
+}
+
 impl Task for CptTask {
     fn stage(&self) -> &'static str {
         match self.settings.mode {
@@ -405,7 +411,7 @@ impl Task for CptTask {
         Ok(())
     }
 
-    fn micro(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Micro>> {
+    fn draw(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Drawn>> {
         let ids: Vec<usize> = items.iter().map(|&j| self.data.train[j]).collect();
         // Every sequence of a micro-batch gets the same chunk count, so they batch together.
         let k = self.settings.k;
@@ -415,20 +421,27 @@ impl Task for CptTask {
             .iter()
             .map(|&i| self.train_seq(i, chunks, rng))
             .collect();
+        Ok(Some(Box::new(CptDrawn { seqs, chunks })))
+    }
+
+    fn loss(&self, drawn: &Drawn) -> Result<Micro> {
+        let Some(d) = drawn.downcast_ref::<CptDrawn>() else {
+            bail!("cpt: a micro-batch drawn by another task");
+        };
         let out = match self.settings.mode {
             CptMode::Next => {
-                forward_trained_distilled(&self.enc, &self.dec, &seqs, self.settings.distill)?
+                forward_trained_distilled(&self.enc, &self.dec, &d.seqs, self.settings.distill)?
             }
-            CptMode::Recon => self.forward(&seqs, true)?,
+            CptMode::Recon => self.forward(&d.seqs, true)?,
         };
         let mut stats = out.stats()?;
         if self.settings.mode == CptMode::Recon {
-            stats.note("chunks", chunks as f64);
+            stats.note("chunks", d.chunks as f64);
         }
-        Ok(Some(Micro {
+        Ok(Micro {
             loss: out.loss,
             stats,
-        }))
+        })
     }
 
     fn evaluate(&mut self) -> Result<Value> {

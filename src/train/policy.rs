@@ -16,7 +16,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
@@ -25,14 +25,15 @@ use serde_json::{json, Value};
 
 use super::optim::Group;
 use super::parts::{Checkpoint, ConfigFields};
-use super::qa::{answer_chunks, answer_seq, qa_layout, QaData, QaLayoutArgs};
-use super::run::{Micro, Stats, Task};
+use super::qa::{
+    answer_chunks, answer_seq, qa_layout, retriever, QaData, QaLayoutArgs, TaskRetriever,
+};
+use super::run::{Drawn, Micro, Stats, Task};
 use super::seq::{forward_with_tables, weighted_mean, Seq};
 use super::vars::named_vars;
 use crate::compression::projector::uniform;
 use crate::compression::prompt::PromptLayout;
 use crate::pipeline::{ChunkSource, Encode, Prepared, Refrag};
-use crate::retrieval::search::Retrieve;
 use crate::select::policy::{log_sum_exp, Policy, PolicyConfig};
 use crate::select::{num_expand, random_n, top_n};
 
@@ -143,7 +144,7 @@ pub struct PolicyTask {
     pub vars: VarMap,
     pub hidden: usize,
     pub data: QaData,
-    pub retriever: Box<dyn Retrieve>,
+    pub retriever: TaskRetriever,
     pub layout: QaLayoutArgs,
     pub p: f64,
     pub group: usize,
@@ -169,7 +170,7 @@ impl PolicyTask {
     fn question(&mut self, i: usize) -> Result<Question> {
         let passages = self
             .data
-            .passages(i, self.retriever.as_ref(), &self.layout)?;
+            .passages(i, retriever(&mut self.retriever), &self.layout)?;
         let q = &self.data.pairs[i].question;
         let layout = qa_layout(
             &self.refrag.dtok,
@@ -255,6 +256,9 @@ impl PolicyTask {
     }
 }
 
+/// A policy micro-batch, its surrogate loss already computed.
+struct PolicyDrawn(Tensor, Stats);
+
 impl Task for PolicyTask {
     fn stage(&self) -> &'static str {
         "train_policy"
@@ -277,7 +281,9 @@ impl Task for PolicyTask {
         Ok(())
     }
 
-    fn micro(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Micro>> {
+    /// The whole loss is computed here, in order: each question's embeddings come from a cache
+    /// that drawing fills, and REINFORCE's rewards need the decoder passes of its samples.
+    fn draw(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Drawn>> {
         let mut stats = Stats::default();
         let mut losses = Vec::new();
         for &j in items {
@@ -291,7 +297,17 @@ impl Task for PolicyTask {
         let loss = (Tensor::stack(&losses, 0)?.sum_all()? / losses.len() as f64)?;
         stats.loss = f64::from(loss.to_scalar::<f32>()?);
         stats.micro = 1;
-        Ok(Some(Micro { loss, stats }))
+        Ok(Some(Box::new(PolicyDrawn(loss, stats))))
+    }
+
+    fn loss(&self, drawn: &Drawn) -> Result<Micro> {
+        let Some(PolicyDrawn(loss, stats)) = drawn.downcast_ref::<PolicyDrawn>() else {
+            bail!("train_policy: a micro-batch drawn by another task");
+        };
+        Ok(Micro {
+            loss: loss.clone(),
+            stats: stats.clone(),
+        })
     }
 
     fn evaluate(&mut self) -> Result<Value> {

@@ -131,6 +131,20 @@ pub fn qa_layout(
     Ok(crate::pipeline::question_layout(dtok, question, &per_passage, ctx_max)?.0)
 }
 
+/// The retriever a QA task draws its passages with. Only drawing uses it (with the task
+/// borrowed mutably, so the lock never waits); the lock makes the task shareable with the
+/// workers that compute its micro-batches' losses.
+pub type TaskRetriever = std::sync::Mutex<Box<dyn Retrieve + Send>>;
+
+/// The retriever of a task being drawn from.
+pub fn retriever(r: &mut TaskRetriever) -> &dyn Retrieve {
+    let b: &mut Box<dyn Retrieve + Send> = match r.get_mut() {
+        Ok(b) => b,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    &**b
+}
+
 /// The token that ends an answer: the chat template's end of turn, else the first EOS id.
 pub fn end_token(dtok: &DecoderTokenizer) -> Result<u32> {
     if let Some(text) = dtok.chat().end_of_turn() {

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
@@ -21,6 +22,7 @@ use serde_json::{json, Value};
 use super::optim::{AdamW, AdamWConfig, Group};
 use super::parts::{self, Checkpoint, TrainState};
 use super::schedule::{batch_items, step_rng, LrSchedule};
+use crate::kernels::blas::threads::side_by_side;
 
 /// Counts a micro-batch reports; summed over a step and over a logging window.
 #[derive(Debug, Clone, Default)]
@@ -69,8 +71,14 @@ pub struct Micro {
     pub stats: Stats,
 }
 
-/// What a training command trains.
-pub trait Task {
+/// A micro-batch's inputs as [`Task::draw`] drew them (its sequences, masks and random
+/// choices), for [`Task::loss`]; each task downcasts its own kind.
+pub type Drawn = Box<dyn std::any::Any + Send + Sync>;
+
+/// What a training command trains. A step's micro-batches are drawn one by one in order on the
+/// caller's thread (randomness, caches), then their losses and gradients may be computed side
+/// by side on workers ([`LoopConfig::workers`]), so `loss` takes `&self`.
+pub trait Task: Sync {
     /// `cpt_recon`, `cpt_next`, `sft` or `train_policy`.
     fn stage(&self) -> &'static str;
     /// The trainable variables, grouped by learning-rate scale.
@@ -81,8 +89,18 @@ pub trait Task {
     fn begin_step(&mut self, _step: usize, _total: usize, _rng: &mut ChaCha8Rng) -> Result<()> {
         Ok(())
     }
-    /// The loss of the training items `items`; `None` when they carry no signal.
-    fn micro(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Micro>>;
+    /// Draw the inputs of the training items `items`; `None` when they carry no signal.
+    fn draw(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Drawn>>;
+    /// The differentiable loss of inputs this task drew.
+    fn loss(&self, drawn: &Drawn) -> Result<Micro>;
+    /// The loss of the training items `items` (drawn, then computed); `None` when they carry no
+    /// signal.
+    fn micro(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Micro>> {
+        match self.draw(items, rng)? {
+            Some(d) => Ok(Some(self.loss(&d)?)),
+            None => Ok(None),
+        }
+    }
     /// Metrics on the held-out split.
     fn evaluate(&mut self) -> Result<Value>;
     /// The parts of a checkpoint after `step` steps.
@@ -110,6 +128,10 @@ pub struct LoopConfig {
     pub eval: bool,
     /// Continue from the checkpoint in `out_dir` (its weights are already in the task).
     pub resume: Option<TrainState>,
+    /// Compute a step's micro-batches side by side, one per BLAS thread with each product on
+    /// its worker ([`crate::kernels::blas::threads::side_by_side`]); else one by one. Their
+    /// gradients are summed in micro-batch order either way.
+    pub workers: bool,
 }
 
 /// How a run ended.
@@ -196,20 +218,45 @@ fn one_step(
     let items = batch_items(task.num_train(), cfg.batch_size, cfg.seed, step);
     let mut acc = opt.zero_grads();
     let mut stats = Stats::default();
-    let mut n = 0usize;
-    let (mut fwd, mut bwd) = (0f64, 0f64);
+    let t = Instant::now();
+    let mut drawn = Vec::new();
     for mb in items.chunks(cfg.micro_batch.max(1)) {
+        drawn.extend(task.draw(mb, &mut rng)?);
+    }
+    let draw_sec = t.elapsed().as_secs_f64();
+    let n = drawn.len();
+    let (mut fwd, mut bwd) = (0f64, 0f64);
+    let task: &dyn Task = task;
+    let work = |i: usize| -> Result<(Stats, GradStore, f64, f64)> {
         let t = Instant::now();
-        let Some(m) = task.micro(mb, &mut rng)? else {
-            continue;
-        };
-        fwd += t.elapsed().as_secs_f64();
+        let m = task.loss(&drawn[i])?;
+        let f = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let grads = m.loss.backward()?;
-        opt.accumulate(&mut acc, &grads, 1.0)?;
-        bwd += t.elapsed().as_secs_f64();
-        stats.add(&m.stats);
-        n += 1;
+        Ok((m.stats, grads, f, t.elapsed().as_secs_f64()))
+    };
+    // Gradients are summed in micro-batch order whatever order the workers finish in (same
+    // seed, same sums), each as soon as the ones before it are in.
+    let mut waiting: Vec<Option<(Stats, GradStore)>> = (0..n).map(|_| None).collect();
+    let mut next = 0;
+    let mut take = |i: usize, r: Result<(Stats, GradStore, f64, f64)>| -> Result<()> {
+        let (s, g, f, b) = r?;
+        fwd += f;
+        bwd += b;
+        waiting[i] = Some((s, g));
+        while let Some((s, g)) = waiting.get_mut(next).and_then(Option::take) {
+            opt.accumulate(&mut acc, &g, 1.0)?;
+            stats.add(&s);
+            next += 1;
+        }
+        Ok(())
+    };
+    if cfg.workers {
+        side_by_side(n, work, &mut take)?;
+    } else {
+        for i in 0..n {
+            take(i, work(i))?;
+        }
     }
     if n == 0 {
         return Ok((stats, 0.0));
@@ -218,6 +265,7 @@ fn one_step(
     acc.scale(1.0 / n as f64)?;
     let norm = opt.step(&acc, lr, cfg.clip)?;
     // Where a step's time goes (forward / backward / optimiser), logged as means.
+    stats.note("draw_sec", draw_sec);
     stats.note("forward_sec", fwd);
     stats.note("backward_sec", bwd);
     stats.note("optimizer_sec", t.elapsed().as_secs_f64());

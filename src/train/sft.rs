@@ -10,7 +10,7 @@
 //! Evaluation: answer log-likelihood and token accuracy on held-out pairs at p = 0, 0.25, 1
 //! (random expansions), and at p = 0.25 with the gold answer's chunks expanded first.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -20,10 +20,11 @@ use super::cpt::{next_seq, CptData};
 use super::encoder::TrainEncoder;
 use super::optim::Group;
 use super::parts::{enc_dec_checkpoint, enc_dec_groups, Checkpoint, TrainDecoder};
-use super::qa::{answer_chunks, answer_seq, qa_layout, QaData, QaLayoutArgs};
-use super::run::{Micro, Task};
+use super::qa::{
+    answer_chunks, answer_seq, qa_layout, retriever, QaData, QaLayoutArgs, TaskRetriever,
+};
+use super::run::{Drawn, Micro, Task};
 use super::seq::{forward_trained, forward_trained_distilled, score_trained, Seq};
-use crate::retrieval::search::Retrieve;
 use crate::select::{first_then_random, num_expand, random_n};
 
 /// A fine-tuning run.
@@ -31,7 +32,7 @@ pub struct SftTask {
     pub enc: TrainEncoder,
     pub dec: TrainDecoder,
     pub data: QaData,
-    pub retriever: Box<dyn Retrieve>,
+    pub retriever: TaskRetriever,
     pub layout: QaLayoutArgs,
     pub dec_name: String,
     pub dec_lr_scale: f64,
@@ -62,7 +63,7 @@ impl SftTask {
     fn seq(&mut self, i: usize, p: f64, gold: bool, seed: u64) -> Result<Seq> {
         let passages = self
             .data
-            .passages(i, self.retriever.as_ref(), &self.layout)?;
+            .passages(i, retriever(&mut self.retriever), &self.layout)?;
         let pair = &self.data.pairs[i];
         let layout = qa_layout(
             &self.dec.tok,
@@ -81,22 +82,36 @@ impl SftTask {
         answer_seq(&self.dec.tok, layout, mask, pair)
     }
 
-    /// The mean loss of `n` next-paragraph sequences drawn at random and its weight, when
-    /// mixing is on.
-    fn next_loss(&self, n: usize, rng: &mut ChaCha8Rng) -> Result<Option<(Tensor, f64)>> {
+    /// `n` next-paragraph sequences drawn at random, when mixing is on (no draw otherwise).
+    fn next_seqs(&self, n: usize, rng: &mut ChaCha8Rng) -> Vec<Seq> {
         let Some(m) = &self.next else {
-            return Ok(None);
+            return Vec::new();
         };
         let bos = self.dec.tok.bos_id();
-        let seqs: Vec<Seq> = (0..n)
+        (0..n)
             .map(|_| {
                 let i = m.data.train[rng.random_range(0..m.data.train.len())];
                 next_seq(&m.data, i, self.layout.k, m.expand_frac, bos, rng.random())
             })
-            .collect();
-        let loss = forward_trained_distilled(&self.enc, &self.dec, &seqs, m.distill)?.loss;
+            .collect()
+    }
+
+    /// The mean loss of the next-paragraph sequences `seqs` and its weight, when mixing is on.
+    fn next_loss(&self, seqs: &[Seq]) -> Result<Option<(Tensor, f64)>> {
+        let Some(m) = &self.next else {
+            return Ok(None);
+        };
+        let loss = forward_trained_distilled(&self.enc, &self.dec, seqs, m.distill)?.loss;
         Ok(Some((loss, m.weight)))
     }
+}
+
+/// An `sft` micro-batch: the answer sequences, their expansion fractions, and the mixed
+/// next-paragraph sequences (none without `--next_json`).
+struct SftDrawn {
+    seqs: Vec<Seq>,
+    fracs: Vec<f64>,
+    next: Vec<Seq>,
 }
 
 impl Task for SftTask {
@@ -112,7 +127,7 @@ impl Task for SftTask {
         self.data.train.len()
     }
 
-    fn micro(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Micro>> {
+    fn draw(&mut self, items: &[usize], rng: &mut ChaCha8Rng) -> Result<Option<Drawn>> {
         let mut seqs = Vec::with_capacity(items.len());
         let mut fracs = Vec::new();
         for &j in items {
@@ -122,17 +137,25 @@ impl Task for SftTask {
             fracs.push(p);
             seqs.push(self.seq(self.data.train[j], p, gold, rng.random())?);
         }
-        let out = forward_trained(&self.enc, &self.dec, &seqs, true)?;
+        let next = self.next_seqs(items.len(), rng);
+        Ok(Some(Box::new(SftDrawn { seqs, fracs, next })))
+    }
+
+    fn loss(&self, drawn: &Drawn) -> Result<Micro> {
+        let Some(d) = drawn.downcast_ref::<SftDrawn>() else {
+            bail!("sft: a micro-batch drawn by another task");
+        };
+        let out = forward_trained(&self.enc, &self.dec, &d.seqs, true)?;
         let mut stats = out.stats()?;
-        for p in fracs {
+        for &p in &d.fracs {
             stats.note("p", p);
         }
         let mut loss = out.loss;
-        if let Some((next, w)) = self.next_loss(items.len(), rng)? {
+        if let Some((next, w)) = self.next_loss(&d.next)? {
             stats.note("next_loss", f64::from(next.to_scalar::<f32>()?));
             loss = (loss + next.affine(w, 0.0)?)?;
         }
-        Ok(Some(Micro { loss, stats }))
+        Ok(Micro { loss, stats })
     }
 
     fn evaluate(&mut self) -> Result<Value> {
