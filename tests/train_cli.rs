@@ -200,6 +200,16 @@ fn cpt_recon_then_cpt_next_then_generate_with_the_trained_decoder() {
     );
 
     let recon = f.s("recon");
+    // Another pooling than the weights were trained with is refused, naming the flag.
+    let line = error_line(&f.cpt(
+        "cpt_next",
+        "next_cls",
+        &["--load_dir", &recon, "--pooling", "cls"],
+    ));
+    assert!(
+        line.contains("--pooling cls differs") && line.contains("(mean)"),
+        "{line}"
+    );
     let out = ok_json(&f.cpt(
         "cpt_next",
         "next",

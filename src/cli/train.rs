@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::range::{at_least, non_negative_f64, positive_f64, positive_usize, unit_interval};
 use super::{AnswerableArg, EmbedModelArg, EncDecArgs, RetrieveArgs, RuntimeArgs};
+use crate::retrieval::embed::Pooling;
 
 /// Flags of the training commands.
 #[derive(Debug, Clone, Args)]
@@ -104,8 +105,8 @@ pub struct CptArgs {
     #[arg(long)]
     pub curriculum: Option<String>,
     /// Chunk encoder pooling for a fresh encoder (cpt_recon); a --load_dir fixes its own.
-    #[arg(long, value_parser = ["cls", "mean"])]
-    pub pooling: Option<String>,
+    #[arg(long, value_enum)]
+    pub pooling: Option<Pooling>,
     /// Cap on the context tokens `s` of each item (cpt_next) [default: the item's split].
     #[arg(long, value_parser = positive_usize)]
     pub s: Option<usize>,

@@ -188,7 +188,7 @@ impl Sources {
     fn resolve(
         enc: Option<&str>,
         dec: Option<&str>,
-        pooling: Option<&str>,
+        pooling: Option<Pooling>,
         dir: Option<&Path>,
     ) -> Result<Self> {
         let cfg = dir.map(RefragConfig::read).transpose()?;
@@ -221,12 +221,12 @@ impl Sources {
             Role::Decoder,
         )?;
         let pooling = match (pooling, c) {
-            (Some(p), Some(c)) if p != c.encoder_pooling => bail!(
+            (Some(p), Some(c)) if p != parse_pooling(&c.encoder_pooling)? => bail!(
                 "--pooling {p} differs from the pooling the weights were trained with ({})",
                 c.encoder_pooling
             ),
             (_, Some(c)) => parse_pooling(&c.encoder_pooling)?,
-            (Some(p), None) => parse_pooling(p)?,
+            (Some(p), None) => p,
             (None, None) => DEFAULT_POOLING,
         };
         Ok(Self {
@@ -330,7 +330,7 @@ pub fn run_cpt(a: &CptArgs, mode: CptMode) -> Result<()> {
     let src = Sources::resolve(
         a.models.enc.as_deref(),
         a.models.dec.as_deref(),
-        a.pooling.as_deref(),
+        a.pooling,
         start,
     )?;
     src.warn_k(a.k);

@@ -18,7 +18,7 @@ use crate::hub::{self, ModelFiles};
 use crate::kernels::blas;
 
 /// How token states become one vector per text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Pooling {
     /// Mean over the real (non-padding) tokens, `[CLS]` and `[SEP]` included, as
