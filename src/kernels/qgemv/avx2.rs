@@ -11,16 +11,13 @@ use std::arch::x86_64::*;
 pub unsafe fn dot(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q8Row) -> f32 {
     let nb = d.len();
     let ones = _mm256_set1_epi16(1);
-    let low = _mm_set1_epi8(0x0F);
     let mut acc = _mm256_setzero_ps();
     let mut extra = 0f32;
     for b in 0..nb {
         let x = _mm256_loadu_si256(a.q.as_ptr().add(b * QK) as *const __m256i);
         let p16 = match kind {
             QKind::Q4_0 | QKind::Q4_1 => {
-                let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
-                let lo = _mm_and_si128(raw, low);
-                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+                let (lo, hi) = nibbles(qs, b);
                 _mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), x)
             }
             QKind::Q8_0 => {
@@ -43,7 +40,6 @@ pub unsafe fn dot(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q8Row) -> f3
 /// converted in registers, multiplied into the activations with FMA.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_f32(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &F32Row) -> f32 {
-    let low = _mm_set1_epi8(0x0F);
     let mut acc = _mm256_setzero_ps();
     let mut extra = 0f32;
     let xp = a.x.as_ptr();
@@ -51,9 +47,7 @@ pub unsafe fn dot_f32(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &F32Row) 
         // Quants of elements 0..8, 8..16, 16..24, 24..32 as 8 x i32 each.
         let parts: [__m256i; 4] = match kind {
             QKind::Q4_0 | QKind::Q4_1 => {
-                let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
-                let lo = _mm_and_si128(raw, low);
-                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+                let (lo, hi) = nibbles(qs, b);
                 [
                     _mm256_cvtepu8_epi32(lo),
                     _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
@@ -93,7 +87,6 @@ pub unsafe fn dot_f32(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &F32Row) 
 /// f32 with FMA. Sums stay far inside i32 (four products of at most 127 * 32767 a lane).
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_q16(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q16Row) -> f32 {
-    let low = _mm_set1_epi8(0x0F);
     let mut acc = _mm256_setzero_ps();
     let mut extra = 0f32;
     for b in 0..d.len() {
@@ -101,9 +94,7 @@ pub unsafe fn dot_q16(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q16Row) 
         let (x0, x1) = (_mm256_loadu_si256(xp), _mm256_loadu_si256(xp.add(1)));
         let (w0, w1) = match kind {
             QKind::Q4_0 | QKind::Q4_1 => {
-                let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
-                let lo = _mm_and_si128(raw, low);
-                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+                let (lo, hi) = nibbles(qs, b);
                 (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
             }
             QKind::Q8_0 => {
@@ -123,6 +114,18 @@ pub unsafe fn dot_q16(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q16Row) 
         }
     }
     hsum(acc) + extra
+}
+
+/// Block `b`'s 32 4-bit quants, 16 bytes: its elements 0..16 (the low nibbles) and 16..32 (the
+/// high nibbles), one byte each.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nibbles(qs: &[u8], b: usize) -> (__m128i, __m128i) {
+    let low = _mm_set1_epi8(0x0F);
+    let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
+    (
+        _mm_and_si128(raw, low),
+        _mm_and_si128(_mm_srli_epi16(raw, 4), low),
+    )
 }
 
 #[target_feature(enable = "avx2,fma")]
