@@ -264,7 +264,9 @@ fn one_step(
     let t = Instant::now();
     acc.scale(1.0 / n as f64)?;
     let norm = opt.step(&acc, lr, cfg.clip)?;
-    // Where a step's time goes (forward / backward / optimiser), logged as means.
+    // Where a step's time goes (drawing / forward / backward / optimiser), logged as means;
+    // forward and backward are summed over the micro-batches, so side by side they add up the
+    // workers' seconds, not the wall clock's.
     stats.note("draw_sec", draw_sec);
     stats.note("forward_sec", fwd);
     stats.note("backward_sec", bwd);
