@@ -78,8 +78,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?;
-        let u = self.up_proj.forward(x)?;
+        let [g, u] = Proj::forward_group([&self.gate_proj, &self.up_proj], x)?;
         let h = if (g.track_op() || u.track_op()) && crate::kernels::fused::usable(&g) {
             crate::kernels::fused::swiglu(&g, &u)?
         } else {

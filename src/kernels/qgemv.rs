@@ -237,45 +237,7 @@ impl QMatrix {
 
     /// `y = x W^T` for `m` activation rows `x` `(m, cols)`, into `y` `(m, rows)`.
     pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], act: Act) {
-        assert_eq!(x.len(), m * self.cols, "activations");
-        assert_eq!(y.len(), m * self.rows, "output");
-        let acts: Vec<Row> = x
-            .chunks_exact(self.cols)
-            .map(|r| match act {
-                Act::F32 => Row::F32(F32Row::new(r)),
-                Act::Q8 => Row::Q8(quantize_row(r)),
-                Act::Q16 => Row::Q16(Q16Row::new(r)),
-            })
-            .collect();
-        let simd = simd_available();
-        // Rows in tasks of at least ~64K weights each: enough work to pay for a thread hop.
-        let per = (65_536 / self.cols).clamp(16, self.rows.max(16));
-        // Tasks write whole weight rows, so the products land as (rows, m); with one activation
-        // row (every decoding step) that is `y` itself, otherwise a buffer transposed into `y`.
-        let mut buf = Vec::new();
-        let out: &mut [f32] = if m == 1 {
-            y
-        } else {
-            buf.resize(self.rows * m, 0f32);
-            &mut buf
-        };
-        out.par_chunks_mut(per * m)
-            .enumerate()
-            .for_each(|(t, chunk)| {
-                for (i, o) in chunk.chunks_exact_mut(m).enumerate() {
-                    let r = t * per + i;
-                    for (a, slot) in acts.iter().zip(o.iter_mut()) {
-                        *slot = self.dot_row(r, a, simd);
-                    }
-                }
-            });
-        if m > 1 {
-            for (r, col) in buf.chunks_exact(m).enumerate() {
-                for (j, v) in col.iter().enumerate() {
-                    y[j * self.rows + r] = *v;
-                }
-            }
-        }
+        matmul_t_many(&[(self, None)], x, m, &mut [y], act);
     }
 
     /// Dot product of weight row `r` with one activation row.
@@ -305,6 +267,149 @@ impl QMatrix {
             Row::Q8(a) => dot_scalar(self.kind, d, m, qs, a),
             Row::F32(a) => dot_scalar_f32(self.kind, d, m, qs, a),
             Row::Q16(a) => dot_scalar_q16(self.kind, d, m, qs, a),
+        }
+    }
+}
+
+/// A low-rank side path beside a quantized product, `y += scale (x A^T) B^T` (a LoRA adapter
+/// beside the quantized weights it was merged into the dense twin of).
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    /// `A` `(r, cols)`, row-major.
+    a: Vec<f32>,
+    /// `B^T` `(r, rows)`, row-major: a product row block adds `low_k * B^T[k, rows]`, a
+    /// contiguous (vectorised) update per rank, not a short sum per row.
+    bt: Vec<f32>,
+    r: usize,
+    scale: f32,
+}
+
+impl LowRank {
+    /// From `a` `(r, cols)` and `b` `(rows, r)`, row-major.
+    pub fn new(a: Vec<f32>, b: &[f32], r: usize, scale: f32) -> Self {
+        let rows = if r == 0 { 0 } else { b.len() / r };
+        let mut bt = vec![0f32; b.len()];
+        for (i, row) in b.chunks_exact(r.max(1)).enumerate() {
+            for (k, v) in row.iter().enumerate() {
+                bt[k * rows + i] = *v;
+            }
+        }
+        Self { a, bt, r, scale }
+    }
+
+    /// `scale (x A^T)` for each of the `m` rows of `x`, `(m, r)`.
+    fn low(&self, x: &[f32], cols: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(x.len() / cols * self.r);
+        for row in x.chunks_exact(cols) {
+            out.extend(
+                self.a
+                    .chunks_exact(cols)
+                    .map(|a| self.scale * dot_f32(a, row)),
+            );
+        }
+        out
+    }
+}
+
+/// An f32 dot product in eight independent sums (so the compiler vectorises it).
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(p, q)| p * q)
+        .sum();
+    for (p, q) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += p[l] * q[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `ys[i] = x W_i^T (+ side_i)` for several matrices of the same width over the same `m`
+/// activation rows `x` `(m, cols)`, each `ys[i]` `(m, rows_i)`: the activations are quantized
+/// once and all the products' row tasks run in one parallel pass (one fork-join a group, not one
+/// a matrix: a decoding step's q / k / v, or gate / up, are small next to a thread hop).
+pub fn matmul_t_many(
+    parts: &[(&QMatrix, Option<&LowRank>)],
+    x: &[f32],
+    m: usize,
+    ys: &mut [&mut [f32]],
+    act: Act,
+) {
+    assert_eq!(parts.len(), ys.len(), "one output per matrix");
+    let Some(cols) = parts.first().map(|(w, _)| w.cols) else {
+        return;
+    };
+    assert_eq!(x.len(), m * cols, "activations");
+    for ((w, side), y) in parts.iter().zip(ys.iter()) {
+        assert_eq!(w.cols, cols, "matrices of one width");
+        assert_eq!(y.len(), m * w.rows, "output");
+        if let Some(s) = side {
+            assert_eq!(s.a.len(), s.r * cols, "side path A");
+            assert_eq!(s.bt.len(), w.rows * s.r, "side path B");
+        }
+    }
+    let acts: Vec<Row> = x
+        .chunks_exact(cols)
+        .map(|r| match act {
+            Act::F32 => Row::F32(F32Row::new(r)),
+            Act::Q8 => Row::Q8(quantize_row(r)),
+            Act::Q16 => Row::Q16(Q16Row::new(r)),
+        })
+        .collect();
+    let lows: Vec<Option<Vec<f32>>> = parts
+        .iter()
+        .map(|(_, s)| s.map(|s| s.low(x, cols)))
+        .collect();
+    let simd = simd_available();
+    // Rows in tasks of at least ~64K weights each: enough work to pay for a thread hop.
+    let per = (65_536 / cols).clamp(16, 1 << 20);
+    // Tasks write whole weight rows, so the products land as (rows, m); with one activation row
+    // (every decoding step) that is `y` itself, otherwise a buffer transposed into `y`.
+    let mut bufs: Vec<Vec<f32>> = if m == 1 {
+        Vec::new()
+    } else {
+        parts.iter().map(|(w, _)| vec![0f32; w.rows * m]).collect()
+    };
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    if m == 1 {
+        for (i, y) in ys.iter_mut().enumerate() {
+            tasks.extend(y.chunks_mut(per).enumerate().map(|(t, c)| (i, t, c)));
+        }
+    } else {
+        for (i, b) in bufs.iter_mut().enumerate() {
+            tasks.extend(b.chunks_mut(per * m).enumerate().map(|(t, c)| (i, t, c)));
+        }
+    }
+    tasks.into_par_iter().for_each(|(i, t, chunk)| {
+        let (w, side) = parts[i];
+        let r0 = t * per;
+        for (k, o) in chunk.chunks_exact_mut(m).enumerate() {
+            for (a, slot) in acts.iter().zip(o.iter_mut()) {
+                *slot = w.dot_row(r0 + k, a, simd);
+            }
+        }
+        if let (Some(s), Some(low)) = (side, &lows[i]) {
+            let n = chunk.len() / m;
+            for (j, l) in low.chunks_exact(s.r).enumerate() {
+                for (kr, c) in l.iter().enumerate() {
+                    let bt = &s.bt[kr * w.rows + r0..kr * w.rows + r0 + n];
+                    for (o, b) in chunk.iter_mut().skip(j).step_by(m).zip(bt) {
+                        *o += c * b;
+                    }
+                }
+            }
+        }
+    });
+    for ((w, _), (buf, y)) in parts.iter().zip(bufs.iter().zip(ys.iter_mut())) {
+        for (r, col) in buf.chunks_exact(m).enumerate() {
+            for (j, v) in col.iter().enumerate() {
+                y[j * w.rows + r] = *v;
+            }
         }
     }
 }
@@ -487,6 +592,61 @@ mod tests {
                         assert!((s - v).abs() <= 1e-4 * s.abs().max(1.0), "{kind:?} row {r}");
                     }
                 }
+            }
+        }
+    }
+
+    /// Several matrices over the same activations in one pass equal their products one by
+    /// one, and a low-rank side path equals the product with `scale B A` added to the weights.
+    #[test]
+    fn grouped_products_with_side_paths_equal_one_by_one() {
+        let cols = 128;
+        let mats: Vec<(Tensor, QMatrix)> = [(300, GgmlDType::Q4_1), (40, GgmlDType::Q8_0)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, (rows, t))| {
+                let q = QTensor::quantize(&random(rows, cols, 10 + i as u64), t).unwrap();
+                (
+                    q.dequantize(&Device::Cpu).unwrap(),
+                    QMatrix::from_qtensor(&q).unwrap().unwrap(),
+                )
+            })
+            .collect();
+        let (r, scale) = (4, 0.5f32);
+        let a = random(r, cols, 20);
+        let b = random(mats[0].1.rows, r, 21);
+        let side = LowRank::new(
+            a.flatten_all().unwrap().to_vec1().unwrap(),
+            &b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            r,
+            scale,
+        );
+        let merged = (&mats[0].0 + (b.matmul(&a).unwrap() * scale as f64).unwrap()).unwrap();
+        for m in [1, 3] {
+            let x = random(m, cols, 22 + m as u64);
+            let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let want: Vec<f32> = x
+                .matmul(&merged.t().unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut one = vec![0f32; m * mats[1].1.rows];
+            mats[1].1.matmul_t(&xv, m, &mut one, Act::F32);
+            let mut y0 = vec![0f32; m * mats[0].1.rows];
+            let mut y1 = vec![0f32; m * mats[1].1.rows];
+            matmul_t_many(
+                &[(&mats[0].1, Some(&side)), (&mats[1].1, None)],
+                &xv,
+                m,
+                &mut [&mut y0, &mut y1],
+                Act::F32,
+            );
+            assert_eq!(y1, one, "m = {m}");
+            let tol = 1e-5 * want.iter().fold(1f32, |a, v| a.max(v.abs()));
+            for (g, e) in y0.iter().zip(&want) {
+                assert!((g - e).abs() < tol, "m = {m}: {g} vs {e}");
             }
         }
     }

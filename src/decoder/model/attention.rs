@@ -85,9 +85,10 @@ impl Attention {
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let q = self.rope(&self.heads(self.q_proj.forward(x)?, self.n_head)?, s)?; // (b, h, t, hd)
-        let k = self.rope(&self.heads(self.k_proj.forward(x)?, self.n_kv)?, s)?; // (b, kv, t, hd)
-        let v = self.heads(self.v_proj.forward(x)?, self.n_kv)?; // (b, kv, t, hd)
+        let [q, k, v] = Proj::forward_group([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let q = self.rope(&self.heads(q, self.n_head)?, s)?; // (b, h, t, hd)
+        let k = self.rope(&self.heads(k, self.n_kv)?, s)?; // (b, kv, t, hd)
+        let v = self.heads(v, self.n_kv)?; // (b, kv, t, hd)
         let (k, v) = match cache {
             Some((c, layer)) => {
                 let past = c.len();

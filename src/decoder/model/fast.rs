@@ -12,7 +12,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::Linear;
 
 use super::{Decoder, Proj};
-use crate::kernels::qgemv::{Act, QMatrix};
+use crate::kernels::qgemv::{matmul_t_many, Act, LowRank, QMatrix};
 
 /// Inputs of at most this many rows take the quantized product.
 pub const FAST_ROWS: usize = 4;
@@ -22,8 +22,8 @@ pub struct FastProj {
     pub dense: Linear,
     pub q: Arc<QMatrix>,
     pub act: Act,
-    /// A merged adapter's `(A (r, in), B (out, r), scale)`, applied beside `q`.
-    pub side: Option<(Tensor, Tensor, f64)>,
+    /// A merged adapter, applied beside `q` inside its product.
+    pub side: Option<LowRank>,
 }
 
 impl FastProj {
@@ -41,22 +41,49 @@ impl FastProj {
         if !self.takes_fast_path(x) {
             return super::proj::linear(&self.dense, x);
         }
-        let rows = x.elem_count() / self.q.cols;
-        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let mut y = vec![0f32; rows * self.q.rows];
-        self.q.matmul_t(&xv, rows, &mut y, self.act);
-        let mut shape = x.dims().to_vec();
-        *shape.last_mut().expect("a last dimension") = self.q.rows;
-        let mut y = Tensor::from_vec(y, shape, x.device())?;
-        if let Some(b) = self.dense.bias() {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some((a, b, scale)) = &self.side {
-            let low = crate::kernels::blas::matmul_t(x, a)?;
-            y = (y + (crate::kernels::blas::matmul_t(&low, b)? * *scale)?)?;
-        }
-        Ok(y)
+        let mut y = forward_group(&[self], x)?;
+        Ok(y.pop().expect("one output"))
     }
+
+    /// The side path of the adapter `(a (r, in), b (out, r), scale)`.
+    pub fn low_rank(a: &Tensor, b: &Tensor, scale: f64) -> Result<LowRank> {
+        Ok(LowRank::new(
+            a.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            &b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            a.dim(0)?,
+            scale as f32,
+        ))
+    }
+}
+
+/// The products of several projections over the same input `x`: one quantized pass over all
+/// of them when `x` takes the fast path (a decoding step's q / k / v, or gate / up), each
+/// projection's own product otherwise.
+pub fn forward_group(projs: &[&FastProj], x: &Tensor) -> Result<Vec<Tensor>> {
+    if projs.is_empty() || !projs.iter().all(|p| p.takes_fast_path(x)) {
+        return projs.iter().map(|p| p.forward(x)).collect();
+    }
+    let cols = projs[0].q.cols;
+    let rows = x.elem_count() / cols;
+    let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let mut outs: Vec<Vec<f32>> = projs.iter().map(|p| vec![0f32; rows * p.q.rows]).collect();
+    let parts: Vec<(&QMatrix, Option<&LowRank>)> =
+        projs.iter().map(|p| (&*p.q, p.side.as_ref())).collect();
+    let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+    matmul_t_many(&parts, &xv, rows, &mut ys, projs[0].act);
+    projs
+        .iter()
+        .zip(outs)
+        .map(|(p, y)| {
+            let mut shape = x.dims().to_vec();
+            *shape.last_mut().expect("a last dimension") = p.q.rows;
+            let y = Tensor::from_vec(y, shape, x.device())?;
+            match p.dense.bias() {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            }
+        })
+        .collect()
 }
 
 impl Decoder {

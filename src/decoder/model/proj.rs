@@ -52,6 +52,31 @@ impl Proj {
         }
     }
 
+    /// `[p.forward(x) for p in projs]`, with the quantized products of decoding projections
+    /// over the same input in one pass ([`fast::forward_group`]).
+    pub(super) fn forward_group<const N: usize>(
+        projs: [&Proj; N],
+        x: &Tensor,
+    ) -> Result<[Tensor; N]> {
+        let fast: Vec<&fast::FastProj> = projs
+            .iter()
+            .filter_map(|p| match p {
+                Proj::Fast(f) => Some(&**f),
+                _ => None,
+            })
+            .collect();
+        let outs = if fast.len() == N {
+            fast::forward_group(&fast, x)?
+        } else {
+            projs
+                .iter()
+                .map(|p| p.forward(x))
+                .collect::<Result<Vec<_>>>()?
+        };
+        outs.try_into()
+            .map_err(|_| candle_core::Error::Msg("one output per projection".into()))
+    }
+
     pub(super) fn is_variable(&self) -> bool {
         matches!(self, Proj::Dense(l) if l.weight().is_variable())
     }
@@ -90,7 +115,7 @@ impl Proj {
                     dense: merged(&f.dense, &a, &b, scale)?,
                     q: f.q,
                     act: f.act,
-                    side: Some((a, b, scale)),
+                    side: Some(fast::FastProj::low_rank(&a, &b, scale)?),
                 })))
             }
             Proj::Fast(f) => Proj::Dense(f.dense).with_lora(a, b, scale, train),
