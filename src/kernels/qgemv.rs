@@ -287,7 +287,7 @@ pub struct LowRank {
 impl LowRank {
     /// From `a` `(r, cols)` and `b` `(rows, r)`, row-major.
     pub fn new(a: Vec<f32>, b: &[f32], r: usize, scale: f32) -> Self {
-        let rows = if r == 0 { 0 } else { b.len() / r };
+        let rows = b.len().checked_div(r).unwrap_or(0);
         let mut bt = vec![0f32; b.len()];
         for (i, row) in b.chunks_exact(r.max(1)).enumerate() {
             for (k, v) in row.iter().enumerate() {
