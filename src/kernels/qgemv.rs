@@ -398,8 +398,15 @@ pub fn matmul_t_many(
             for (j, l) in low.chunks_exact(s.r).enumerate() {
                 for (kr, c) in l.iter().enumerate() {
                     let bt = &s.bt[kr * w.rows + r0..kr * w.rows + r0 + n];
-                    for (o, b) in chunk.iter_mut().skip(j).step_by(m).zip(bt) {
-                        *o += c * b;
+                    if m == 1 {
+                        // Contiguous: vectorised.
+                        for (o, b) in chunk.iter_mut().zip(bt) {
+                            *o += c * b;
+                        }
+                    } else {
+                        for (o, b) in chunk.iter_mut().skip(j).step_by(m).zip(bt) {
+                            *o += c * b;
+                        }
                     }
                 }
             }
