@@ -5,6 +5,8 @@ use clap::error::ErrorKind;
 use clap::Parser;
 
 fn main() {
+    // Before any work: an OpenBLAS older than the CPU would run generic SSE3 kernels.
+    refrag::kernels::blas::core::ensure();
     let cli = match refrag::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => match e.kind() {

@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use candle_nn::Linear;
 
 mod attention;
+pub mod core;
 mod decode_attention;
 pub mod encoder_layer;
 mod softmax;
