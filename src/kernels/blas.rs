@@ -16,6 +16,7 @@ use candle_nn::Linear;
 mod attention;
 pub mod core;
 mod decode_attention;
+pub(crate) use decode_attention::dot;
 pub mod encoder_layer;
 mod softmax;
 pub mod threads;

@@ -304,29 +304,11 @@ impl LowRank {
             out.extend(
                 self.a
                     .chunks_exact(cols)
-                    .map(|a| self.scale * dot_f32(a, row)),
+                    .map(|a| self.scale * crate::kernels::blas::dot(a, row)),
             );
         }
         out
     }
-}
-
-/// An f32 dot product in eight independent sums (so the compiler vectorises it).
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(p, q)| p * q)
-        .sum();
-    for (p, q) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += p[l] * q[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `ys[i] = x W_i^T (+ side_i)` for several matrices of the same width over the same `m`
@@ -367,7 +349,7 @@ pub fn matmul_t_many(
         .collect();
     let simd = simd_available();
     // Rows in tasks of at least ~64K weights each: enough work to pay for a thread hop.
-    let per = (65_536 / cols).clamp(16, 1 << 20);
+    let per = (65_536 / cols).max(16);
     // Tasks write whole weight rows, so the products land as (rows, m); with one activation row
     // (every decoding step) that is `y` itself, otherwise a buffer transposed into `y`.
     let mut bufs: Vec<Vec<f32>> = if m == 1 {
@@ -555,6 +537,15 @@ mod tests {
         Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
     }
 
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// `x w^T`, flattened: the reference product.
+    fn product_t(x: &Tensor, w: &Tensor) -> Vec<f32> {
+        values(&x.matmul(&w.t().unwrap()).unwrap())
+    }
+
     /// Every format against the dequantized weights times the f32 activations: with f32
     /// activations equal up to rounding; with 8-bit ones the activations' rounding is left (well
     /// under 1% of the row's scale); the SIMD kernels equal the portable ones.
@@ -572,14 +563,8 @@ mod tests {
                 let mat = QMatrix::from_qtensor(&q).unwrap().unwrap();
                 assert_eq!(mat.kind, kind);
                 let x = random(m, cols, 2);
-                let want: Vec<f32> = x
-                    .matmul(&w.t().unwrap())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let want = product_t(&x, &w);
+                let xv = values(&x);
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
                 for (act, tol) in [(Act::Q8, 0.01), (Act::Q16, 1e-4), (Act::F32, 1e-5)] {
                     let mut got = vec![0f32; m * rows];
@@ -622,23 +607,12 @@ mod tests {
         let (r, scale) = (4, 0.5f32);
         let a = random(r, cols, 20);
         let b = random(mats[0].1.rows, r, 21);
-        let side = LowRank::new(
-            a.flatten_all().unwrap().to_vec1().unwrap(),
-            &b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            r,
-            scale,
-        );
+        let side = LowRank::new(values(&a), &values(&b), r, scale);
         let merged = (&mats[0].0 + (b.matmul(&a).unwrap() * scale as f64).unwrap()).unwrap();
         for m in [1, 3] {
             let x = random(m, cols, 22 + m as u64);
-            let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-            let want: Vec<f32> = x
-                .matmul(&merged.t().unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let xv = values(&x);
+            let want = product_t(&x, &merged);
             let mut one = vec![0f32; m * mats[1].1.rows];
             mats[1].1.matmul_t(&xv, m, &mut one, Act::F32);
             let mut y0 = vec![0f32; m * mats[0].1.rows];

@@ -38,9 +38,6 @@ impl FastProj {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !self.takes_fast_path(x) {
-            return super::proj::linear(&self.dense, x);
-        }
         let mut y = forward_group(&[self], x)?;
         Ok(y.pop().expect("one output"))
     }
@@ -61,7 +58,10 @@ impl FastProj {
 /// projection's own product otherwise.
 pub fn forward_group(projs: &[&FastProj], x: &Tensor) -> Result<Vec<Tensor>> {
     if projs.is_empty() || !projs.iter().all(|p| p.takes_fast_path(x)) {
-        return projs.iter().map(|p| p.forward(x)).collect();
+        return projs
+            .iter()
+            .map(|p| super::proj::linear(&p.dense, x))
+            .collect();
     }
     let cols = projs[0].q.cols;
     let rows = x.elem_count() / cols;

@@ -150,8 +150,9 @@ simd_dispatch! {
 
 const LANES: usize = 16;
 
+/// An f32 dot product in independent lane sums (so the compiler vectorises it).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = ca
