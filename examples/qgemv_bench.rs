@@ -3,7 +3,7 @@
 //! 50 after warm-up. `cargo run --release --example qgemv_bench`
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Module, Tensor};
-use refrag::kernels::qgemv::{simd_available, Act, QMatrix};
+use refrag::kernels::qgemv::{simd_level, Act, QMatrix};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -26,7 +26,10 @@ fn time(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    println!("AVX2+FMA kernels: {}", simd_available());
+    println!(
+        "kernels: {:?} (REFRAG_QGEMV=avx2 or portable caps them)",
+        simd_level()
+    );
     let dev = Device::Cpu;
     for (name, rows, cols, t) in [
         ("ffn_up", 1536, 576, GgmlDType::Q4_1),

@@ -128,6 +128,8 @@ pub struct Q16Row {
     d: Vec<f32>,
     sum: Vec<f32>,
     q: Vec<i16>,
+    /// `q` in the AVX-512 kernel's pair order (empty when that kernel does not run here).
+    pairs: Vec<i16>,
 }
 
 impl Q16Row {
@@ -137,6 +139,7 @@ impl Q16Row {
             d: Vec::with_capacity(nb),
             sum: block_sums(x),
             q: Vec::with_capacity(x.len()),
+            pairs: Vec::new(),
         };
         for blk in x.chunks_exact(QK) {
             let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -147,6 +150,10 @@ impl Q16Row {
                     .map(|v| (v * id).round().clamp(-32767.0, 32767.0) as i16),
             );
             r.d.push(d);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if simd_level() == Simd::Avx512 {
+            r.pairs = avx512::pair_layout(&r.q);
         }
         r
     }
@@ -241,7 +248,7 @@ impl QMatrix {
     }
 
     /// Dot product of weight row `r` with one activation row.
-    fn dot_row(&self, r: usize, a: &Row, simd: bool) -> f32 {
+    fn dot_row(&self, r: usize, a: &Row, simd: Simd) -> f32 {
         let nb = self.cols / QK;
         let qb = self.kind.quant_bytes();
         let d = &self.d[r * nb..(r + 1) * nb];
@@ -252,17 +259,21 @@ impl QMatrix {
             &self.m[r * nb..(r + 1) * nb]
         };
         #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` is true only when the CPU reports AVX2 and FMA.
+        if simd != Simd::Portable {
+            // SAFETY: `simd` is at most what `simd_level` found this CPU runs (AVX2 + FMA, and
+            // for `Avx512` also AVX-512 F / BW / VNNI), and `pairs` is filled whenever
+            // `simd_level` is `Avx512` (a test passing `Avx512` checks that level first).
             return unsafe {
                 match a {
+                    Row::Q16(a) if simd == Simd::Avx512 && a.pairs.len() == a.q.len() => {
+                        avx512::dot_q16(self.kind, d, m, qs, a)
+                    }
                     Row::Q8(a) => avx2::dot(self.kind, d, m, qs, a),
                     Row::F32(a) => avx2::dot_f32(self.kind, d, m, qs, a),
                     Row::Q16(a) => avx2::dot_q16(self.kind, d, m, qs, a),
                 }
             };
         }
-        let _ = simd;
         match a {
             Row::Q8(a) => dot_scalar(self.kind, d, m, qs, a),
             Row::F32(a) => dot_scalar_f32(self.kind, d, m, qs, a),
@@ -347,7 +358,7 @@ pub fn matmul_t_many(
         .iter()
         .map(|(_, s)| s.map(|s| s.low(x, cols)))
         .collect();
-    let simd = simd_available();
+    let simd = simd_level();
     // Rows in tasks of at least ~64K weights each: enough work to pay for a thread hop.
     let per = (65_536 / cols).max(16);
     // Tasks write whole weight rows, so the products land as (rows, m); with one activation row
@@ -403,17 +414,52 @@ pub fn matmul_t_many(
     }
 }
 
-/// Whether the AVX2 + FMA kernels can run on this CPU (checked once per process).
-pub fn simd_available() -> bool {
+/// The block-dot kernels a CPU runs, each level including the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Simd {
+    /// Plain loops (any CPU).
+    Portable,
+    /// AVX2 + FMA (x86-64 since 2013).
+    Avx2,
+    /// AVX2 + FMA and AVX-512 F / BW / VNNI (Intel since Cascade Lake, AMD since Zen 4): the
+    /// 16-bit activation kernel in `vpdpwssd`.
+    Avx512,
+}
+
+/// The best kernels this CPU runs, detected once per process. `REFRAG_QGEMV=avx2` or
+/// `portable` caps the level (to compare kernels, or to step around one).
+pub fn simd_level() -> Simd {
+    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let cap = match std::env::var("REFRAG_QGEMV").as_deref() {
+            Ok("portable") => Simd::Portable,
+            Ok("avx2") => Simd::Avx2,
+            _ => Simd::Avx512,
+        };
+        detected().min(cap)
+    })
+}
+
+fn detected() -> Simd {
     #[cfg(target_arch = "x86_64")]
     {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            Simd::Portable
+        } else if avx512::available() {
+            Simd::Avx512
+        } else {
+            Simd::Avx2
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Simd::Portable
     }
+}
+
+/// Whether SIMD kernels (AVX2 + FMA at least) run on this CPU.
+pub fn simd_available() -> bool {
+    simd_level() > Simd::Portable
 }
 
 /// Quantize one row (a multiple of [`QK`] long) to 8 bits per block: `d = max|x| / 127`,
@@ -522,6 +568,8 @@ fn dot_scalar_q16(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q16Row) -> f
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(test)]
 mod tests {
@@ -556,7 +604,7 @@ mod tests {
             (GgmlDType::Q4_1, QKind::Q4_1),
             (GgmlDType::Q8_0, QKind::Q8_0),
         ] {
-            for cols in [96, 352] {
+            for cols in [64, 96, 352, 576] {
                 let (rows, m) = (70, 3);
                 let q = QTensor::quantize(&random(rows, cols, 1), t).unwrap();
                 let w = q.dequantize(&Device::Cpu).unwrap();
@@ -579,9 +627,15 @@ mod tests {
                     Row::Q16(Q16Row::new(&xv[..cols])),
                 ] {
                     for r in 0..rows {
-                        let s = mat.dot_row(r, &a, false);
-                        let v = mat.dot_row(r, &a, simd_available());
-                        assert!((s - v).abs() <= 1e-4 * s.abs().max(1.0), "{kind:?} row {r}");
+                        let s = mat.dot_row(r, &a, Simd::Portable);
+                        for level in [Simd::Avx2, Simd::Avx512] {
+                            if level > simd_level() {
+                                continue;
+                            }
+                            let v = mat.dot_row(r, &a, level);
+                            let tol = 1e-4 * s.abs().max(1.0);
+                            assert!((s - v).abs() <= tol, "{kind:?} {level:?} row {r}");
+                        }
                     }
                 }
             }
