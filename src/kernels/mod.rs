@@ -1,7 +1,9 @@
 //! Hand-written compute kernels where no crate is fast enough (measured in `bench`): f32
 //! products through the system BLAS (`blas`), the decoder's and encoder's differentiable
-//! training ops (`fused`), and quantized matrix-vector products for decoding (`qgemv`).
+//! training ops (`fused`), quantized matrix-vector products for decoding (`qgemv`), and the
+//! spinning thread team their many small parallel regions run on (`team`).
 
 pub mod blas;
 pub mod fused;
 pub mod qgemv;
+pub mod team;

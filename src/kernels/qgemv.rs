@@ -10,7 +10,6 @@
 //! the quants one contiguous byte array, so the hot loop does no conversion.
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use rayon::prelude::*;
 
 /// Elements per quantization block.
 pub const QK: usize = 32;
@@ -378,15 +377,16 @@ pub fn matmul_t_many(
             tasks.extend(b.chunks_mut(per * m).enumerate().map(|(t, c)| (i, t, c)));
         }
     }
-    tasks.into_par_iter().for_each(|(i, t, chunk)| {
-        let (w, side) = parts[i];
-        let r0 = t * per;
+    crate::kernels::team::for_each_mut(&mut tasks, |_, (i, t, chunk)| {
+        let (w, side) = parts[*i];
+        let r0 = *t * per;
+        let chunk = &mut **chunk;
         for (k, o) in chunk.chunks_exact_mut(m).enumerate() {
             for (a, slot) in acts.iter().zip(o.iter_mut()) {
                 *slot = w.dot_row(r0 + k, a, simd);
             }
         }
-        if let (Some(s), Some(low)) = (side, &lows[i]) {
+        if let (Some(s), Some(low)) = (side, &lows[*i]) {
             let n = chunk.len() / m;
             for (j, l) in low.chunks_exact(s.r).enumerate() {
                 for (kr, c) in l.iter().enumerate() {

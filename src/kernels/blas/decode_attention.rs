@@ -14,7 +14,6 @@ mod avx2;
 use std::cell::RefCell;
 
 use half::{f16, slice::HalfFloatSliceExt};
-use rayon::prelude::*;
 
 use super::softmax::{exp_poly, max_of, simd_dispatch};
 
@@ -247,21 +246,18 @@ pub(super) fn few_rows(
             (bi, g, rows, &kv[bi * nkv + g])
         })
         .collect();
-    let partials: Vec<Partial> = (0..heads.len() * blocks)
-        .into_par_iter()
-        .map(|task| {
-            let (_, _, rows, kvh) = &heads[task / blocks];
-            let j0 = (task % blocks) * KEY_BLOCK;
-            attend_any(
-                rows,
-                &seen,
-                kv_data,
-                kvh,
-                (j0, (j0 + KEY_BLOCK).min(len)),
-                hd,
-            )
-        })
-        .collect();
+    let partials: Vec<Partial> = crate::kernels::team::map(heads.len() * blocks, |task| {
+        let (_, _, rows, kvh) = &heads[task / blocks];
+        let j0 = (task % blocks) * KEY_BLOCK;
+        attend_any(
+            rows,
+            &seen,
+            kv_data,
+            kvh,
+            (j0, (j0 + KEY_BLOCK).min(len)),
+            hd,
+        )
+    });
     for (hi, (bi, g, _, _)) in heads.iter().enumerate() {
         let parts = &partials[hi * blocks..(hi + 1) * blocks];
         for (r, &sees) in seen.iter().enumerate() {
