@@ -15,6 +15,7 @@ use super::cache::KvCache;
 use super::config::DecoderConfig;
 
 mod attention;
+mod decode_step;
 mod fast;
 mod proj;
 
@@ -345,9 +346,16 @@ impl Decoder {
                 );
             }
         }
+        let grad = self.trainable || x.track_op() || self.dtype == DType::F64;
+        if t == 1 && x.dim(0)? == 1 && !grad && self.has_fast_step() {
+            if let Some(c) = cache.as_deref_mut() {
+                let h = self.decode_step(x, c)?;
+                c.advance(1);
+                return self.logits(&h, logits, false);
+            }
+        }
         let past = cache.as_deref().map_or(0, KvCache::len);
         let (cos, sin) = self.rotary(past, t)?;
-        let grad = self.trainable || x.track_op() || self.dtype == DType::F64;
         // The fused CPU attention (f32, no gradients) applies the causal mask itself.
         let fused = !grad && !self.quantized && self.device.is_cpu() && self.dtype == DType::F32;
         let mask = if t > 1 && !fused {
@@ -369,12 +377,18 @@ impl Decoder {
         if let Some(c) = cache {
             c.advance(t);
         }
+        self.logits(&h, logits, step.grad)
+    }
+
+    /// The final norm and the LM head over the positions `logits` asks for of `h` `(b, t, d)`.
+    fn logits(&self, h: &Tensor, logits: Logits, grad: bool) -> Result<Tensor> {
+        let t = h.dim(1)?;
         let h = match logits {
-            Logits::All => h,
+            Logits::All => h.clone(),
             Logits::Last => h.i((.., t - 1, ..))?.contiguous()?, // (b, d)
             Logits::Tail(n) => h.narrow(1, t - n.min(t), n.min(t))?.contiguous()?, // (b, n, d)
         };
-        let h = self.norm.forward(&h, step.grad)?;
+        let h = self.norm.forward(&h, grad)?;
         self.lm_head
             .forward(&h)?
             .to_dtype(softmax_dtype(self.dtype))

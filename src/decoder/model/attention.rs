@@ -35,9 +35,9 @@ pub(super) struct Attention {
     /// Attend in candle-transformers' `quantized_llama` order of operations (kept-quantized
     /// weights), not through the fused BLAS op.
     pub(super) reference_order: bool,
-    n_head: usize,
-    n_kv: usize,
-    head_dim: usize,
+    pub(super) n_head: usize,
+    pub(super) n_kv: usize,
+    pub(super) head_dim: usize,
 }
 
 impl Attention {
