@@ -40,6 +40,9 @@ pub struct ModeAnswer {
     pub positions: usize,
     pub expanded: usize,
     pub chunks: usize,
+    /// Whether the plain tokens the decoder read (its expanded chunks, each run of neighbours
+    /// joined) contain a gold answer: selection recall, apart from how well the decoder reads.
+    pub answer_in_text: bool,
     pub times: StageTimes,
 }
 
@@ -70,6 +73,8 @@ pub struct ModeSummary {
     pub ttft_median: f64,
     pub ttit_mean: f64,
     pub ttit_median: f64,
+    /// Fraction of questions whose plain-token context holds a gold answer.
+    pub answer_in_text: f64,
     pub positions_mean: f64,
     pub positions_full_mean: f64,
     /// Full-context positions / this mode's positions, summed over questions (none for no-context).
@@ -292,14 +297,14 @@ impl Evaluator<'_> {
         let seed = a.runtime.seed.wrapping_add(i as u64);
         let mut results = Vec::with_capacity(self.modes.len());
         for &mode in self.modes {
-            let (g, expanded, chunks) = match mode {
-                EvalMode::NoContext => (self.no_context(&qa.question)?, 0, 0),
+            let (g, expanded, chunks, in_text) = match mode {
+                EvalMode::NoContext => (self.no_context(&qa.question)?, 0, 0, false),
                 EvalMode::TopnFull => {
                     let times = StageTimes {
                         retrieval,
                         ..StageTimes::default()
                     };
-                    self.top_n_full(&qa.question, &passages, &prep, times)?
+                    self.top_n_full(qa, &passages, &prep, times)?
                 }
                 _ => {
                     let times = StageTimes {
@@ -307,10 +312,10 @@ impl Evaluator<'_> {
                         tokenize,
                         ..StageTimes::default()
                     };
-                    self.answer(&prep, mode, seed, times)?
+                    self.answer(&prep, mode, seed, times, qa)?
                 }
             };
-            results.push(mode_answer(mode, g, qa, expanded, chunks));
+            results.push(mode_answer(mode, g, qa, expanded, chunks, in_text));
         }
         Ok(QuestionRecord {
             id: qa.id.clone(),
@@ -323,15 +328,16 @@ impl Evaluator<'_> {
         })
     }
 
-    /// Answer from the retrieved passages with one selection; returns the generation and how
-    /// many of how many chunks were expanded.
+    /// Answer from the retrieved passages with one selection; returns the generation, how
+    /// many of how many chunks were expanded, and whether their text holds a gold answer.
     fn answer(
         &self,
         prep: &Prepared,
         mode: EvalMode,
         seed: u64,
         mut times: StageTimes,
-    ) -> Result<(Generated, usize, usize)> {
+        qa: &QaPair,
+    ) -> Result<(Generated, usize, usize, bool)> {
         let p = self.args.compress.p;
         let (select, p) = match mode {
             EvalMode::Full => (SelectMode::All, 1.0),
@@ -346,18 +352,42 @@ impl Evaluator<'_> {
             self.refrag
                 .select_and_embed(prep, select, p, seed, self.source, &mut times)?;
         let g = self.generate(prep, &mask, embeds.as_ref(), times)?;
-        Ok((g, mask.iter().filter(|&&m| m).count(), mask.len()))
+        let in_text = self.answer_in_text(prep, &mask, qa)?;
+        Ok((g, mask.iter().filter(|&&m| m).count(), mask.len(), in_text))
+    }
+
+    /// Whether the expanded chunks of `prep` (`mask`), each run of neighbours in one passage
+    /// read as one text, contain a gold answer of `qa`.
+    fn answer_in_text(&self, prep: &Prepared, mask: &[bool], qa: &QaPair) -> Result<bool> {
+        let chunks = &prep.layout.chunks;
+        let mut run: Vec<u32> = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            if mask.get(i).copied().unwrap_or(false) {
+                run.extend_from_slice(&c.tokens);
+            }
+            let ends = chunks.get(i + 1).is_none_or(|n| n.passage != c.passage)
+                || !mask.get(i + 1).copied().unwrap_or(false);
+            if ends && !run.is_empty() {
+                let text = self.refrag.dtok.decode(&run)?;
+                if metrics::answers_question(&text, &qa.question, &qa.answers) {
+                    return Ok(true);
+                }
+                run.clear();
+            }
+        }
+        Ok(false)
     }
 
     /// The equal-budget baseline: the passages as plain tokens, in rank order, capped at the
     /// context positions REFRAG at `--p` uses on this question ([`refrag_budget`]).
     fn top_n_full(
         &self,
-        question: &str,
+        qa: &QaPair,
         passages: &[Passage],
         prep: &Prepared,
         mut times: StageTimes,
-    ) -> Result<(Generated, usize, usize)> {
+    ) -> Result<(Generated, usize, usize, bool)> {
+        let question = qa.question.as_str();
         let c = &self.args.compress;
         let budget = refrag_budget(&prep.layout, c.k, c.p);
         let t = Instant::now();
@@ -377,7 +407,8 @@ impl Evaluator<'_> {
             (cut, mask)
         };
         let g = self.generate(&cut, &mask, None, times)?;
-        Ok((g, mask.len(), mask.len()))
+        let in_text = self.answer_in_text(&cut, &mask, qa)?;
+        Ok((g, mask.len(), mask.len(), in_text))
     }
 
     /// The same template with zero passages.
@@ -419,6 +450,7 @@ fn mode_answer(
     qa: &QaPair,
     expanded: usize,
     chunks: usize,
+    answer_in_text: bool,
 ) -> ModeAnswer {
     ModeAnswer {
         mode,
@@ -430,6 +462,7 @@ fn mode_answer(
         positions: g.positions,
         expanded,
         chunks,
+        answer_in_text,
         times: g.times,
         answer: g.answer,
     }
@@ -467,6 +500,7 @@ pub fn summarize(mode: EvalMode, p: f64, records: &[QuestionRecord]) -> ModeSumm
         ttft_median: median(&ttft),
         ttit_mean: mean(&ttit),
         ttit_median: median(&ttit),
+        answer_in_text: mean(&col(&|x| f64::from(u8::from(x.answer_in_text)))),
         positions_mean: positions as f64 / n,
         positions_full_mean: full as f64 / n,
         compression: (mode != EvalMode::NoContext).then(|| full as f64 / positions.max(1) as f64),
@@ -519,17 +553,18 @@ fn config_json(
 /// The markdown table of the summaries, with recall@topk under it.
 pub fn markdown(s: &[ModeSummary], recall: f64, topk: usize, n: usize) -> String {
     let mut out = String::from(
-        "| mode | p | EM | F1 | TTFT mean (s) | TTFT median (s) | TTIT mean (ms) | positions | compression | TTFT speed-up |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| mode | p | EM | F1 | answer in text | TTFT mean (s) | TTFT median (s) | TTIT mean (ms) | positions | compression | TTFT speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let opt = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.2}x"));
     for m in s {
         let mode = serde_json::to_value(m.mode).unwrap_or_default();
         out.push_str(&format!(
-            "| {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.0} / {:.0} | {} | {} |\n",
+            "| {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.0} / {:.0} | {} | {} |\n",
             mode.as_str().unwrap_or("?"),
             m.p,
             m.em,
             m.f1,
+            m.answer_in_text,
             m.ttft_mean,
             m.ttft_median,
             m.ttit_mean * 1e3,
