@@ -10,6 +10,7 @@
 //! the quants one contiguous byte array, so the hot loop does no conversion.
 
 use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
 
 /// Elements per quantization block.
 pub const QK: usize = 32;
@@ -74,10 +75,11 @@ pub struct QMatrix {
     pub kind: QKind,
     pub rows: usize,
     pub cols: usize,
-    /// Block scales, `rows * cols / QK`.
-    d: Vec<f32>,
+    /// Block scales, `rows * cols / QK`, f16 as the file stores them (f32 would be a fifth of a
+    /// Q4_1 matrix's bytes more to read per token).
+    d: Vec<f16>,
     /// Block minimums (Q4_1 only; empty otherwise).
-    m: Vec<f32>,
+    m: Vec<f16>,
     /// Quants: 16 bytes per Q4 block (low nibble element j, high nibble element j + 16), 32
     /// signed bytes per Q8 block.
     qs: Vec<u8>,
@@ -158,8 +160,8 @@ impl Q16Row {
     }
 }
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+fn f16_at(b: &[u8], at: usize) -> f16 {
+    f16::from_le_bytes([b[at], b[at + 1]])
 }
 
 impl QMatrix {
@@ -238,7 +240,7 @@ impl QMatrix {
 
     /// Bytes the matrix occupies.
     pub fn bytes(&self) -> usize {
-        4 * (self.d.len() + self.m.len()) + self.qs.len()
+        2 * (self.d.len() + self.m.len()) + self.qs.len()
     }
 
     /// `y = x W^T` for `m` activation rows `x` `(m, cols)`, into `y` `(m, rows)`.
@@ -509,14 +511,15 @@ fn int_block_dot<T: Copy + Into<i32>>(kind: QKind, qs: &[u8], b: usize, x: &[T])
 }
 
 /// The portable kernel (and the reference the SIMD one is tested against).
-fn dot_scalar(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q8Row) -> f32 {
+fn dot_scalar(kind: QKind, d: &[f16], m: &[f16], qs: &[u8], a: &Q8Row) -> f32 {
     let mut acc = 0f32;
     for b in 0..d.len() {
+        let (db, mb) = (d[b].to_f32(), m.get(b).map_or(0.0, |m| m.to_f32()));
         let s = int_block_dot(kind, qs, b, &a.q[b * QK..(b + 1) * QK]) as f32;
-        let da = d[b] * a.d[b];
+        let da = db * a.d[b];
         acc += match kind {
             QKind::Q4_0 => da * (s - 8.0 * a.qsum[b]),
-            QKind::Q4_1 => da * s + m[b] * a.s[b],
+            QKind::Q4_1 => da * s + mb * a.s[b],
             QKind::Q8_0 => da * s,
         };
     }
@@ -524,9 +527,10 @@ fn dot_scalar(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q8Row) -> f32 {
 }
 
 /// The portable kernel on f32 activations: `d * sum(q x) (+ m * sum(x))` per block.
-fn dot_scalar_f32(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &F32Row) -> f32 {
+fn dot_scalar_f32(kind: QKind, d: &[f16], m: &[f16], qs: &[u8], a: &F32Row) -> f32 {
     let mut acc = 0f32;
     for b in 0..d.len() {
+        let (db, mb) = (d[b].to_f32(), m.get(b).map_or(0.0, |m| m.to_f32()));
         let x = &a.x[b * QK..(b + 1) * QK];
         acc += match kind {
             QKind::Q4_0 | QKind::Q4_1 => {
@@ -536,14 +540,14 @@ fn dot_scalar_f32(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &F32Row) -> f
                     s += (q[j] & 0x0F) as f32 * x[j] + (q[j] >> 4) as f32 * x[j + 16];
                 }
                 match kind {
-                    QKind::Q4_0 => d[b] * (s - 8.0 * a.sum[b]),
-                    _ => d[b] * s + m[b] * a.sum[b],
+                    QKind::Q4_0 => db * (s - 8.0 * a.sum[b]),
+                    _ => db * s + mb * a.sum[b],
                 }
             }
             QKind::Q8_0 => {
                 let q = &qs[b * 32..(b + 1) * 32];
                 let s: f32 = q.iter().zip(x).map(|(&w, &v)| w as i8 as f32 * v).sum();
-                d[b] * s
+                db * s
             }
         };
     }
@@ -552,14 +556,15 @@ fn dot_scalar_f32(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &F32Row) -> f
 
 /// The portable kernel on 16-bit activations: `d_w d_x sum(q xq)` per block, plus the Q4
 /// offset or minimum times the block's exact sum.
-fn dot_scalar_q16(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q16Row) -> f32 {
+fn dot_scalar_q16(kind: QKind, d: &[f16], m: &[f16], qs: &[u8], a: &Q16Row) -> f32 {
     let mut acc = 0f32;
     for b in 0..d.len() {
+        let (db, mb) = (d[b].to_f32(), m.get(b).map_or(0.0, |m| m.to_f32()));
         let s = int_block_dot(kind, qs, b, &a.q[b * QK..(b + 1) * QK]);
-        acc += d[b] * a.d[b] * s as f32
+        acc += db * a.d[b] * s as f32
             + match kind {
-                QKind::Q4_0 => -8.0 * d[b] * a.sum[b],
-                QKind::Q4_1 => m[b] * a.sum[b],
+                QKind::Q4_0 => -8.0 * db * a.sum[b],
+                QKind::Q4_1 => mb * a.sum[b],
                 QKind::Q8_0 => 0.0,
             };
     }

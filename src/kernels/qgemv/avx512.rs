@@ -5,6 +5,7 @@
 //! the order of the f32 additions differs. Chosen at run time by [`super::simd_level`].
 
 use super::{Q16Row, QKind, QK};
+use half::f16;
 use std::arch::x86_64::*;
 
 /// `x`'s 16-bit quants in the order the 4-bit kernel reads them: for each pair of blocks
@@ -30,12 +31,13 @@ pub fn available() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("f16c")
 }
 
 /// [`super::dot_scalar_q16`] with `vpdpwssd`. `a.pairs` must hold [`pair_layout`] of `a.q`
 /// for 4-bit weights.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub unsafe fn dot_q16(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q16Row) -> f32 {
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+pub unsafe fn dot_q16(kind: QKind, d: &[f16], m: &[f16], qs: &[u8], a: &Q16Row) -> f32 {
     let nb = d.len();
     let mut acc = _mm512_setzero_ps();
     let zero = _mm512_setzero_si512();
@@ -89,35 +91,39 @@ pub unsafe fn dot_q16(kind: QKind, d: &[f32], m: &[f32], qs: &[u8], a: &Q16Row) 
     // An odd last block, as the portable kernel does it.
     if b < nb {
         let s = super::int_block_dot(kind, qs, b, &a.q[b * QK..(b + 1) * QK]);
-        total += d[b] * a.d[b] * s as f32;
+        total += d[b].to_f32() * a.d[b] * s as f32;
     }
     // The Q4 offsets and minimums against each block's exact sum.
     total
         + match kind {
-            QKind::Q4_0 => -8.0 * dot(d, &a.sum),
-            QKind::Q4_1 => dot(m, &a.sum),
+            QKind::Q4_0 => -8.0 * dot_half(d, &a.sum),
+            QKind::Q4_1 => dot_half(m, &a.sum),
             QKind::Q8_0 => 0.0,
         }
 }
 
-/// `[d[b] a[b]; 8] ++ [d[b + 1] a[b + 1]; 8]`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn scales2(d: &[f32], a: &[f32], b: usize, spread: __m512i) -> __m512 {
-    let dv = _mm_castsi128_ps(_mm_loadl_epi64(d.as_ptr().add(b) as *const __m128i));
+/// `[d[b] a[b]; 8] ++ [d[b + 1] a[b + 1]; 8]`, `d` widened from f16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+unsafe fn scales2(d: &[f16], a: &[f32], b: usize, spread: __m512i) -> __m512 {
+    let two = (d.as_ptr().add(b) as *const i32).read_unaligned();
+    let dv = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
     let av = _mm_castsi128_ps(_mm_loadl_epi64(a.as_ptr().add(b) as *const __m128i));
     _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(dv, av)))
 }
 
-/// `sum(x y)` in 16 lanes, the tail masked.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dot(x: &[f32], y: &[f32]) -> f32 {
+/// `sum(x y)` in 16 lanes, `x` widened from f16, the tail masked.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+unsafe fn dot_half(x: &[f16], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let mut acc = _mm512_setzero_ps();
     let mut i = 0;
     while i < n {
         let k = (n - i).min(16);
         let mask: __mmask16 = if k == 16 { 0xFFFF } else { (1u16 << k) - 1 };
-        let xv = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i));
+        let xv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+            mask,
+            x.as_ptr().add(i) as *const i16,
+        ));
         let yv = _mm512_maskz_loadu_ps(mask, y.as_ptr().add(i));
         acc = _mm512_fmadd_ps(xv, yv, acc);
         i += 16;
