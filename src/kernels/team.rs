@@ -9,24 +9,28 @@
 //! counter; the calling thread works too. A region submitted while the team is busy (from
 //! another thread, or from inside a task) runs on the calling thread alone.
 
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long an idle helper spins before it parks.
 const SPIN: Duration = Duration::from_millis(2);
-/// `next` of a closed region: every claim fails.
-const CLOSED: usize = usize::MAX / 2;
+/// `next` and `job` pack a region's number (the high bits) with a task index or count (the low
+/// `INDEX_BITS`), so that a claim can tell its region from the next one.
+const INDEX_BITS: u32 = 24;
+const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
 
 type Task<'a> = &'a (dyn Fn(usize) + Sync);
 
 struct Shared {
     /// Bumped for every region: the helpers' signal to come and claim.
     generation: AtomicUsize,
-    /// The next task index to hand out (`CLOSED` between regions).
-    next: AtomicUsize,
-    /// Tasks of the open region.
-    n: AtomicUsize,
+    /// The open region's number and the next task index to hand out.
+    next: AtomicU64,
+    /// The open region's number and its task count.
+    job: AtomicU64,
+    /// Regions run so far.
+    regions: AtomicU64,
     /// Tasks of the open region finished.
     done: AtomicUsize,
     /// The open region's task, a pointer to the submitter's `&dyn Fn` (on its stack, valid
@@ -51,8 +55,9 @@ impl Team {
     fn new(threads: usize) -> Self {
         let shared = Arc::new(Shared {
             generation: AtomicUsize::new(0),
-            next: AtomicUsize::new(CLOSED),
-            n: AtomicUsize::new(0),
+            next: AtomicU64::new(0),
+            job: AtomicU64::new(0),
+            regions: AtomicU64::new(0),
             done: AtomicUsize::new(0),
             task: AtomicPtr::new(std::ptr::null_mut()),
             sleepers: AtomicUsize::new(0),
@@ -74,19 +79,20 @@ impl Team {
     /// Run `f(0) .. f(n - 1)` over the team; returns when all have.
     pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
         let s = &*self.shared;
-        if n <= 1 || self.helpers == 0 || s.busy.swap(true, Acquire) {
+        if n <= 1 || n as u64 > INDEX_MASK / 2 || self.helpers == 0 || s.busy.swap(true, Acquire) {
             (0..n).for_each(f);
             return;
         }
         // SAFETY: only the lifetime is erased. The pointer is published for this region alone
-        // and every dereference happens in a task claimed before `done` reaches `n`; this
-        // function waits for that, then closes the region, before `f` goes out of scope.
+        // and every dereference happens in a good claim of it, before `done` reaches `n`; this
+        // function waits for that before `f` goes out of scope.
         let task: Task<'static> = unsafe { std::mem::transmute::<Task<'_>, Task<'static>>(f) };
         s.task
             .store(&task as *const Task<'static> as *mut Task<'static>, Relaxed);
-        s.n.store(n, Relaxed);
+        let region = s.regions.fetch_add(1, Relaxed) + 1;
         s.done.store(0, Relaxed);
-        s.next.store(0, Release); // opens the region
+        s.job.store((region << INDEX_BITS) | n as u64, Relaxed);
+        s.next.store(region << INDEX_BITS, Release); // opens the region
         s.generation.fetch_add(1, SeqCst);
         if s.sleepers.load(SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -96,7 +102,6 @@ impl Team {
         while s.done.load(Acquire) < n {
             std::hint::spin_loop();
         }
-        s.next.store(CLOSED, Relaxed);
         s.busy.store(false, Release);
     }
 }
@@ -104,16 +109,20 @@ impl Team {
 /// Claim and run the open region's tasks until none are left.
 fn claim(s: &Shared) {
     loop {
-        let i = s.next.fetch_add(1, AcqRel);
-        // Reading `n` after the claim: a claim below `CLOSED` belongs to the region that the
-        // store opening it published `n` and `task` for.
-        if i >= s.n.load(Acquire) || i >= CLOSED {
+        let c = s.next.fetch_add(1, AcqRel);
+        // The claim is good only when it is below the task count of the same region: a helper
+        // late from one region may read the next one's `job` (or the reverse), and must then
+        // leave without running anything or counting it done.
+        let job = s.job.load(Acquire);
+        let i = c & INDEX_MASK;
+        if job >> INDEX_BITS != c >> INDEX_BITS || i >= job & INDEX_MASK {
             return;
         }
-        // SAFETY: a successful claim happens before that region's `done` reaches `n`, so the
-        // submitter is still inside `run` and the pointed-to reference alive.
+        // SAFETY: a good claim happens before that region's `done` reaches its count, so the
+        // submitter is still inside `run` and the pointed-to reference alive (the claim
+        // acquired the store that opened the region, which came after `task` was written).
         let f = unsafe { *s.task.load(Acquire) };
-        f(i);
+        f(i as usize);
         s.done.fetch_add(1, Release);
     }
 }
@@ -186,14 +195,14 @@ mod tests {
     #[test]
     fn every_task_runs_once() {
         let t = Team::new(3);
-        for round in 0..2000 {
+        for round in 0..20_000 {
             let n = round % 37;
             let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
             t.run(n, &|i| {
                 hits[i].fetch_add(1, Relaxed);
             });
             assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "round {round}");
-            if round == 1000 {
+            if round == 10_000 {
                 std::thread::sleep(SPIN * 3);
             }
         }
