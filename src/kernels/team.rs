@@ -42,6 +42,8 @@ struct Shared {
     wake: Condvar,
     /// A region is open (submissions while it is run alone).
     busy: AtomicBool,
+    /// A task of the open region panicked (on whichever thread): the submitter panics too.
+    panicked: AtomicBool,
 }
 
 /// The process's team: as many threads as rayon's pool (`RAYON_NUM_THREADS`), the caller
@@ -64,6 +66,7 @@ impl Team {
             lock: Mutex::new(()),
             wake: Condvar::new(),
             busy: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
         });
         let helpers = threads.saturating_sub(1);
         for i in 0..helpers {
@@ -102,7 +105,11 @@ impl Team {
         while s.done.load(Acquire) < n {
             std::hint::spin_loop();
         }
+        let panicked = s.panicked.swap(false, Acquire);
         s.busy.store(false, Release);
+        if panicked {
+            panic!("a task of a parallel region panicked");
+        }
     }
 }
 
@@ -122,7 +129,11 @@ fn claim(s: &Shared) {
         // submitter is still inside `run` and the pointed-to reference alive (the claim
         // acquired the store that opened the region, which came after `task` was written).
         let f = unsafe { *s.task.load(Acquire) };
-        f(i as usize);
+        // A panicking task still counts as done (else the submitter would wait forever); the
+        // submitter reports it.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i as usize))).is_err() {
+            s.panicked.store(true, Release);
+        }
         s.done.fetch_add(1, Release);
     }
 }
@@ -208,6 +219,13 @@ mod tests {
         }
         let outer: Vec<usize> = map(8, |i| map(4, |j| i * j).iter().sum());
         assert_eq!(outer, (0..8).map(|i| 6 * i).collect::<Vec<_>>());
+        let caught = std::panic::catch_unwind(|| {
+            t.run(16, &|i| {
+                assert_ne!(i, 7, "task 7 fails");
+            })
+        });
+        assert!(caught.is_err(), "a task's panic reaches the submitter");
+        t.run(3, &|_| {});
         let mut v = vec![0usize; 100];
         for_each_mut(&mut v, |i, x| *x = i + 1);
         assert_eq!(v, (1..=100).collect::<Vec<_>>());
