@@ -513,8 +513,8 @@ fn int_block_dot<T: Copy + Into<i32>>(kind: QKind, qs: &[u8], b: usize, x: &[T])
 /// The portable kernel (and the reference the SIMD one is tested against).
 fn dot_scalar(kind: QKind, d: &[f16], m: &[f16], qs: &[u8], a: &Q8Row) -> f32 {
     let mut acc = 0f32;
-    for b in 0..d.len() {
-        let (db, mb) = (d[b].to_f32(), m.get(b).map_or(0.0, |m| m.to_f32()));
+    for (b, db) in d.iter().enumerate() {
+        let (db, mb) = (db.to_f32(), m.get(b).map_or(0.0, |m| m.to_f32()));
         let s = int_block_dot(kind, qs, b, &a.q[b * QK..(b + 1) * QK]) as f32;
         let da = db * a.d[b];
         acc += match kind {
@@ -558,8 +558,8 @@ fn dot_scalar_f32(kind: QKind, d: &[f16], m: &[f16], qs: &[u8], a: &F32Row) -> f
 /// offset or minimum times the block's exact sum.
 fn dot_scalar_q16(kind: QKind, d: &[f16], m: &[f16], qs: &[u8], a: &Q16Row) -> f32 {
     let mut acc = 0f32;
-    for b in 0..d.len() {
-        let (db, mb) = (d[b].to_f32(), m.get(b).map_or(0.0, |m| m.to_f32()));
+    for (b, db) in d.iter().enumerate() {
+        let (db, mb) = (db.to_f32(), m.get(b).map_or(0.0, |m| m.to_f32()));
         let s = int_block_dot(kind, qs, b, &a.q[b * QK..(b + 1) * QK]);
         acc += db * a.d[b] * s as f32
             + match kind {
