@@ -459,11 +459,6 @@ fn detected() -> Simd {
     }
 }
 
-/// Whether SIMD kernels (AVX2 + FMA at least) run on this CPU.
-pub fn simd_available() -> bool {
-    simd_level() > Simd::Portable
-}
-
 /// Quantize one row (a multiple of [`QK`] long) to 8 bits per block: `d = max|x| / 127`,
 /// quants rounded from the f32 scale, the scale kept as f16 (llama.cpp's `quantize_row_q8_0`).
 pub fn quantize_row(x: &[f32]) -> Q8Row {

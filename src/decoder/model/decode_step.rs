@@ -1,18 +1,17 @@
 //! One decoding step (one token, one sequence, a KV cache) of a decoder whose projections all
 //! have the quantized fast path ([`super::fast`]), on plain vectors: RMS norms, rotary
 //! embedding, SiLU gate and residual adds as loops over the 576 (or so) values of the hidden
-//! state, the products by [`matmul_t_many`] straight into them. The tensor path spends most of
+//! state, the products by [`quantized_products`] straight into them. The tensor path spends most of
 //! a step's serial time creating, dispatching and freeing ~20 small tensors per layer while the
 //! product threads wait; here only the cache append and the attention kernel see tensors. The
 //! same maths as [`super::Block::forward`] in the same order, up to the order of float sums.
 
 use candle_core::{Result, Tensor};
 
-use super::fast::FastProj;
+use super::fast::{quantized_products, FastProj};
 use super::proj::Proj;
 use super::{Block, Decoder, RmsNorm};
 use crate::decoder::cache::KvCache;
-use crate::kernels::qgemv::{matmul_t_many, LowRank, QMatrix};
 
 /// A layer's projections when every one has the fast path.
 struct Fast<'a> {
@@ -52,11 +51,7 @@ impl Block {
 
 /// `ys[i] = x W_i^T + b_i` for one row `x`.
 fn products(projs: &[&FastProj], x: &[f32]) -> Result<Vec<Vec<f32>>> {
-    let mut outs: Vec<Vec<f32>> = projs.iter().map(|p| vec![0f32; p.q.rows]).collect();
-    let parts: Vec<(&QMatrix, Option<&LowRank>)> =
-        projs.iter().map(|p| (&*p.q, p.side.as_ref())).collect();
-    let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-    matmul_t_many(&parts, x, 1, &mut ys, projs[0].act);
+    let mut outs = quantized_products(projs, x, 1);
     for (p, y) in projs.iter().zip(outs.iter_mut()) {
         if let Some(b) = p.dense.bias() {
             for (o, b) in y.iter_mut().zip(b.to_vec1::<f32>()?) {

@@ -63,17 +63,11 @@ pub fn forward_group(projs: &[&FastProj], x: &Tensor) -> Result<Vec<Tensor>> {
             .map(|p| super::proj::linear(&p.dense, x))
             .collect();
     }
-    let cols = projs[0].q.cols;
-    let rows = x.elem_count() / cols;
+    let rows = x.elem_count() / projs[0].q.cols;
     let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    let mut outs: Vec<Vec<f32>> = projs.iter().map(|p| vec![0f32; rows * p.q.rows]).collect();
-    let parts: Vec<(&QMatrix, Option<&LowRank>)> =
-        projs.iter().map(|p| (&*p.q, p.side.as_ref())).collect();
-    let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-    matmul_t_many(&parts, &xv, rows, &mut ys, projs[0].act);
     projs
         .iter()
-        .zip(outs)
+        .zip(quantized_products(projs, &xv, rows))
         .map(|(p, y)| {
             let mut shape = x.dims().to_vec();
             *shape.last_mut().expect("a last dimension") = p.q.rows;
@@ -84,6 +78,17 @@ pub fn forward_group(projs: &[&FastProj], x: &Tensor) -> Result<Vec<Tensor>> {
             }
         })
         .collect()
+}
+
+/// `x W_i^T` of each projection's quantized matrix (and adapter side path, no bias) over the
+/// `rows` rows of `x`, in one quantized pass; each output `(rows, out_i)`, row-major.
+pub(super) fn quantized_products(projs: &[&FastProj], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+    let mut outs: Vec<Vec<f32>> = projs.iter().map(|p| vec![0f32; rows * p.q.rows]).collect();
+    let parts: Vec<(&QMatrix, Option<&LowRank>)> =
+        projs.iter().map(|p| (&*p.q, p.side.as_ref())).collect();
+    let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+    matmul_t_many(&parts, x, rows, &mut ys, projs[0].act);
+    outs
 }
 
 impl Decoder {

@@ -1,5 +1,5 @@
 //! The AVX2 + FMA block dots of [`super`]: 4- and 8-bit weights against 8-bit, 16-bit or f32
-//! activations, chosen at run time by [`super::simd_available`].
+//! activations, chosen at run time by [`super::simd_level`].
 
 use super::{F32Row, Q16Row, Q8Row, QKind, QK};
 use half::f16;
