@@ -46,7 +46,7 @@ fn train_encoder(f: &Fixture, pooling: Pooling) -> TrainEncoder {
 fn differentiable_bert_equals_candle_bert() {
     let f = Fixture::new();
     let files = hub::resolve(&f.s("enc")).unwrap();
-    for pooling in [Pooling::Mean, Pooling::Cls] {
+    for pooling in [Pooling::Mean, Pooling::Cls, Pooling::Seg4] {
         let ours = train_encoder(&f, pooling).encode(&TEXTS).unwrap();
         let theirs = BertEmbedder::load(&files, &dev())
             .unwrap()

@@ -33,6 +33,13 @@ fn config(dir: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
 }
 
+/// A run's evaluation (`start` or `end`): its 1-chunk reconstruction loss.
+fn config_eval(dir: &Path, at: &str) -> f64 {
+    let e: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap();
+    e[at]["recon_1_chunks"]["nll"].as_f64().unwrap()
+}
+
 fn parts(dir: &Path) -> Vec<String> {
     config(dir)["parts"]
         .as_array()
@@ -209,6 +216,31 @@ fn cpt_recon_then_cpt_next_then_generate_with_the_trained_decoder() {
     assert!(
         line.contains("--pooling cls differs") && line.contains("(mean)"),
         "{line}"
+    );
+    // ... except that mean-pooled weights go on with segment pooling, the projector widened
+    // to read the runs side by side, starting from what it computed before.
+    let out = ok_json(&f.cpt(
+        "cpt_recon",
+        "recon_seg",
+        &["--load_dir", &recon, "--pooling", "seg4"],
+    ));
+    let c = config(&f.path("recon_seg"));
+    assert_eq!(c["encoder_pooling"], "seg4");
+    assert_eq!(
+        c["projector"]["in_dim"],
+        4 * config(&f.path("recon"))["projector"]["in_dim"]
+            .as_u64()
+            .unwrap()
+    );
+    let (before, after) = (
+        config_eval(&f.path("recon"), "end"),
+        out["eval"]["start"]["recon_1_chunks"]["nll"]
+            .as_f64()
+            .unwrap(),
+    );
+    assert!(
+        (before - after).abs() < 0.05 * before.abs().max(1.0),
+        "{before} -> {after}"
     );
     let out = ok_json(&f.cpt(
         "cpt_next",

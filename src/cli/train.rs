@@ -104,7 +104,9 @@ pub struct CptArgs {
     /// '1:1;1:1,2:2;1:1,2:2,4:4'); stages split --steps evenly [default: from --max_chunks].
     #[arg(long)]
     pub curriculum: Option<String>,
-    /// Chunk encoder pooling for a fresh encoder (cpt_recon); a --load_dir fixes its own.
+    /// Chunk encoder pooling for a fresh encoder (cpt_recon): mean, cls, or seg4 / seg8 (the
+    /// chunk's tokens in 4 / 8 runs, each averaged, side by side: the order one mean loses). A
+    /// --load_dir fixes its own, except that mean-pooled weights widen to seg4 / seg8.
     #[arg(long, value_enum)]
     pub pooling: Option<Pooling>,
     /// Cap on the context tokens `s` of each item (cpt_next) [default: the item's split].

@@ -221,8 +221,14 @@ impl Sources {
             Role::Decoder,
         )?;
         let pooling = match (pooling, c) {
+            // Mean-pooled weights may go on with segment pooling: the projector is widened.
+            (Some(p), Some(c))
+                if p.segments() > 1 && parse_pooling(&c.encoder_pooling)? == Pooling::Mean =>
+            {
+                p
+            }
             (Some(p), Some(c)) if p != parse_pooling(&c.encoder_pooling)? => bail!(
-                "--pooling {p} differs from the pooling the weights were trained with ({})",
+                "--pooling {p} differs from the pooling the weights were trained with ({}); only mean-pooled weights widen, to seg4 or seg8",
                 c.encoder_pooling
             ),
             (_, Some(c)) => parse_pooling(&c.encoder_pooling)?,
@@ -275,7 +281,19 @@ impl Sources {
         let proj_file = self
             .part("projector")
             .map(|d| checkpoint::part_path(d, "projector"));
+        let widen = self
+            .cfg
+            .as_ref()
+            .is_some_and(|c| c.encoder_pooling != self.pooling.to_string());
         let init = match &proj_file {
+            Some(p) if widen => {
+                eprintln!(
+                    "refrag: widening the projector of {} from mean to {} pooling",
+                    p.display(),
+                    self.pooling
+                );
+                ProjectorInit::Widen(p)
+            }
             Some(p) => ProjectorInit::File(p),
             None => ProjectorInit::Fresh {
                 out_std: embedding_std(&dec.decoder)?,

@@ -175,11 +175,13 @@ fn file_digest(path: &Path) -> Result<String> {
     Ok(d.iter().take(8).map(|b| format!("{b:02x}")).collect())
 }
 
-/// `cls` or `mean`.
+/// `cls`, `mean`, `seg4` or `seg8`.
 pub fn parse_pooling(s: &str) -> Result<Pooling> {
     match s {
         "cls" => Ok(Pooling::Cls),
         "mean" => Ok(Pooling::Mean),
-        other => bail!("unknown pooling '{other}' (expected cls or mean)"),
+        "seg4" => Ok(Pooling::Seg4),
+        "seg8" => Ok(Pooling::Seg8),
+        other => bail!("unknown pooling '{other}' (expected cls, mean, seg4 or seg8)"),
     }
 }

@@ -68,6 +68,43 @@ impl Projector {
         put("fc2.bias", Tensor::zeros(cfg.out_dim, DType::F32, device)?)?;
         Ok(())
     }
+
+    /// Copy the projector in `from` (reading `in` values) into `to` (reading `segments x in`
+    /// values: segment pooling's runs side by side), its first layer's weight split evenly over
+    /// the runs. Over runs of equal length, whose mean is the mean pooling, the widened
+    /// projector gives what the narrow one gave.
+    pub fn widen_vars(from: &VarMap, to: &VarMap, segments: usize) -> Result<()> {
+        let src = from.data().lock().unwrap();
+        let dst = to.data().lock().unwrap();
+        if dst.len() != src.len() {
+            candle_core::bail!(
+                "widening the projector: {} tensors into {}",
+                src.len(),
+                dst.len()
+            );
+        }
+        for (name, var) in dst.iter() {
+            let Some(t) = src.get(name) else {
+                candle_core::bail!("widening the projector: no '{name}' in the saved one");
+            };
+            let t = t.as_tensor();
+            let t = if name == "fc1.weight" && segments > 1 {
+                let parts = vec![(t / segments as f64)?; segments];
+                Tensor::cat(&parts, 1)?
+            } else {
+                t.clone()
+            };
+            if t.dims() != var.dims() {
+                candle_core::bail!(
+                    "widening the projector: '{name}' is {:?}, the widened one {:?}",
+                    t.dims(),
+                    var.dims()
+                );
+            }
+            var.set(&t)?;
+        }
+        Ok(())
+    }
 }
 
 impl Module for Projector {
@@ -105,6 +142,41 @@ mod tests {
         };
         Projector::init_vars(&vm, "", &cfg, 0.5, seed, &dev).unwrap();
         Projector::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap()
+    }
+
+    #[test]
+    fn a_widened_projector_of_repeated_inputs_gives_the_narrow_output() {
+        let dev = Device::Cpu;
+        let narrow = build(3);
+        let vm = VarMap::new();
+        let narrow_vm = VarMap::new();
+        let cfg = ProjectorConfig {
+            in_dim: 8,
+            hidden: 16,
+            out_dim: 4,
+        };
+        Projector::init_vars(&narrow_vm, "", &cfg, 0.5, 3, &dev).unwrap();
+        let wide = ProjectorConfig { in_dim: 32, ..cfg };
+        Projector::init_vars(&vm, "", &wide, 0.5, 9, &dev).unwrap();
+        Projector::widen_vars(&narrow_vm, &vm, 4).unwrap();
+        let wide_p = Projector::new(&wide, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 8), &dev).unwrap();
+        let x4 = Tensor::cat(&[&x, &x, &x, &x], 1).unwrap();
+        let a = narrow.forward(&x).unwrap();
+        let b = wide_p.forward(&x4).unwrap();
+        assert!(crate::testing::max_abs_diff(&a, &b) < 1e-5);
+        // A projector of another width does not widen into it.
+        let other = VarMap::new();
+        Projector::init_vars(
+            &other,
+            "",
+            &ProjectorConfig { in_dim: 6, ..cfg },
+            0.5,
+            3,
+            &dev,
+        )
+        .unwrap();
+        assert!(Projector::widen_vars(&other, &vm, 4).is_err());
     }
 
     #[test]

@@ -27,6 +27,23 @@ pub enum Pooling {
     Mean,
     /// The first token's (`[CLS]`) state.
     Cls,
+    /// The real tokens cut into 4 contiguous runs of (nearly) equal length, each averaged, the
+    /// four means side by side: `4 x hidden` values that keep the order of the text's parts,
+    /// which one mean loses (a chunk encoder's pooling; never a retrieval model's).
+    Seg4,
+    /// As `Seg4`, in 8 runs.
+    Seg8,
+}
+
+impl Pooling {
+    /// How many vectors of the model's width one pooled text takes.
+    pub fn segments(self) -> usize {
+        match self {
+            Pooling::Mean | Pooling::Cls => 1,
+            Pooling::Seg4 => 4,
+            Pooling::Seg8 => 8,
+        }
+    }
 }
 
 impl std::fmt::Display for Pooling {
@@ -34,6 +51,8 @@ impl std::fmt::Display for Pooling {
         f.write_str(match self {
             Pooling::Mean => "mean",
             Pooling::Cls => "cls",
+            Pooling::Seg4 => "seg4",
+            Pooling::Seg8 => "seg8",
         })
     }
 }
@@ -74,7 +93,7 @@ pub fn read_pooling(files: &ModelFiles) -> Result<Pooling> {
 }
 
 /// Pool token states `(b, s, d)` with an attention mask `(b, s)` (1 = token, 0 = padding, any
-/// dtype) into `(b, d)` in f32.
+/// dtype; real tokens first) into `(b, d * pooling.segments())` in f32.
 pub fn pool(hidden: &Tensor, mask: &Tensor, pooling: Pooling) -> candle_core::Result<Tensor> {
     let hidden = hidden.to_dtype(DType::F32)?;
     match pooling {
@@ -85,7 +104,32 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, pooling: Pooling) -> candle_core::Re
             let counts = mask.sum(1)?.clamp(1e-9f32, f32::MAX)?; // (b, 1)
             summed.broadcast_div(&counts)
         }
+        Pooling::Seg4 | Pooling::Seg8 => {
+            let (b, s, d) = hidden.dims3()?;
+            let n = pooling.segments();
+            let lens: Vec<f32> = mask.to_dtype(DType::F32)?.sum(1)?.to_vec1()?;
+            let weights = segment_weights(&lens, n, s);
+            let w = Tensor::from_vec(weights, (b, n, s), hidden.device())?;
+            w.matmul(&hidden.contiguous()?)?.reshape((b, n * d))
+        }
     }
+}
+
+/// The averaging weights `(b, n, s)` of segment pooling: row `j` of text `t` (of `lens[t]` real
+/// tokens) weighs its `j`-th run of tokens `[j len / n, (j + 1) len / n)` evenly; a run that
+/// would be empty (a text shorter than `n` tokens) takes the token where it starts.
+fn segment_weights(lens: &[f32], n: usize, s: usize) -> Vec<f32> {
+    let mut w = vec![0f32; lens.len() * n * s];
+    for (t, &len) in lens.iter().enumerate() {
+        let len = (len.round() as usize).clamp(1, s);
+        for j in 0..n {
+            let a = (j * len / n).min(len - 1);
+            let e = ((j + 1) * len / n).clamp(a + 1, len);
+            let row = &mut w[(t * n + j) * s..(t * n + j + 1) * s];
+            row[a..e].fill(1.0 / (e - a) as f32);
+        }
+    }
+    w
 }
 
 /// Scale each row of `(b, d)` to unit L2 norm (rows of zeros stay zero).
@@ -305,9 +349,9 @@ impl BertEmbedder {
         self
     }
 
-    /// Embedding width (the model's hidden size).
+    /// Embedding width (the model's hidden size, times the pooling's segments).
     pub fn dim(&self) -> usize {
-        self.config.hidden_size
+        self.config.hidden_size * self.pooling.segments()
     }
 
     pub fn pooling(&self) -> Pooling {
@@ -441,6 +485,47 @@ mod tests {
     }
 
     #[test]
+    fn segment_pooling_averages_runs_in_order_and_ignores_padding() {
+        let dev = Device::Cpu;
+        // Row 0: 10 real tokens, state of token i = (i, -i); row 1: 2 real tokens, then junk.
+        let mut v = Vec::new();
+        for i in 0..10 {
+            v.extend([i as f32, -(i as f32)]);
+        }
+        for i in 0..10 {
+            v.extend(if i < 2 {
+                [10. + i as f32, 0.]
+            } else {
+                [999., 999.]
+            });
+        }
+        let hidden = Tensor::from_vec(v, (2, 10, 2), &dev).unwrap();
+        let mut m = vec![1u32; 10];
+        m.extend([1, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let mask = Tensor::from_vec(m, (2, 10), &dev).unwrap();
+        let p = pool(&hidden, &mask, Pooling::Seg4)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        // Runs of row 0: [0, 2), [2, 5), [5, 7), [7, 10).
+        let want0 = [0.5f32, -0.5, 3., -3., 5.5, -5.5, 8., -8.];
+        assert!(max_abs_diff(&p[0], &want0) < 1e-6, "{:?}", p[0]);
+        // Row 1 is shorter than the runs: each run takes the token where it starts.
+        let want1 = [10f32, 0., 10., 0., 11., 0., 11., 0.];
+        assert!(max_abs_diff(&p[1], &want1) < 1e-6, "{:?}", p[1]);
+        // The mean of equal runs is the mean pooling.
+        let h8 = hidden.narrow(1, 0, 8).unwrap();
+        let m8 = Tensor::ones((2, 8), DType::U32, &dev).unwrap();
+        let seg = pool(&h8, &m8, Pooling::Seg8)
+            .unwrap()
+            .reshape((2, 8, 2))
+            .unwrap();
+        let mean = pool(&h8, &m8, Pooling::Mean).unwrap();
+        let diff = (seg.mean(1).unwrap() - mean).unwrap().abs().unwrap();
+        assert!(diff.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+    }
+
+    #[test]
     fn mean_pooling_ignores_padding() {
         let dev = Device::Cpu;
         // Two rows; the second has one real token and two padded positions holding junk.
@@ -477,8 +562,16 @@ mod tests {
 
     #[test]
     fn batch_equals_one_by_one() {
-        for pooling in [Some("mean"), Some("cls")] {
+        for (pooling, seg) in [(Some("mean"), false), (Some("cls"), false), (None, true)] {
             let (_dir, e) = tiny(pooling);
+            // Segment pooling, as the chunk encoder may pool (the runs follow each text's own
+            // length, not the batch's padded one).
+            let e = if seg {
+                e.with_pooling(Pooling::Seg8)
+            } else {
+                e
+            };
+            assert_eq!(e.dim(), e.config().hidden_size * if seg { 8 } else { 1 });
             let texts = [
                 "City_7 lies on River_003.",
                 "a much longer passage about the history of city_12 and its many rivers and bridges",

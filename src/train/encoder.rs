@@ -26,6 +26,10 @@ pub enum ProjectorInit<'a> {
     Fresh { out_std: f64, seed: u64 },
     /// A saved `projector.safetensors`.
     File(&'a Path),
+    /// A saved projector of mean pooling, widened to read segment pooling
+    /// ([`Projector::widen_vars`]): it starts out computing what it computed before, and can
+    /// then learn to use the order the segments keep.
+    Widen(&'a Path),
 }
 
 /// Trainable chunk encoder + projector.
@@ -78,11 +82,12 @@ impl TrainEncoder {
         };
         let (bert, bert_vars) = load_bert(enc, &cfg, weights, device)?;
         let projector_cfg = ProjectorConfig {
-            in_dim: cfg.hidden_size,
+            in_dim: cfg.hidden_size * pooling.segments(),
             hidden: out_dim,
             out_dim,
         };
-        let (projector, projector_vars) = load_projector(&projector_cfg, projector, device)?;
+        let (projector, projector_vars) =
+            load_projector(&projector_cfg, projector, pooling.segments(), device)?;
         Ok(Self {
             bert,
             bert_vars,
@@ -189,6 +194,7 @@ fn load_bert(
 fn load_projector(
     cfg: &ProjectorConfig,
     init: ProjectorInit,
+    segments: usize,
     device: &Device,
 ) -> Result<(Projector, VarMap)> {
     let vars = VarMap::new();
@@ -199,6 +205,17 @@ fn load_projector(
         ProjectorInit::File(path) => {
             Projector::init_vars(&vars, "", cfg, 1.0, 0, device)?;
             crate::io::checkpoint::load_varmap_strict(&vars, path, device)?;
+        }
+        ProjectorInit::Widen(path) => {
+            let narrow = ProjectorConfig {
+                in_dim: cfg.in_dim / segments,
+                ..*cfg
+            };
+            let saved = VarMap::new();
+            Projector::init_vars(&saved, "", &narrow, 1.0, 0, device)?;
+            Projector::init_vars(&vars, "", cfg, 1.0, 0, device)?;
+            crate::io::checkpoint::load_varmap_strict(&saved, path, device)?;
+            Projector::widen_vars(&saved, &vars, segments)?;
         }
     }
     let projector = Projector::new(cfg, VarBuilder::from_varmap(&vars, DType::F32, device))?;
