@@ -74,6 +74,7 @@ impl ChunkEncoder {
             }
         }
         let bert = BertEmbedder::load(&files, device)?
+            .with_int8(false)
             .with_pooling(pooling)
             .with_normalize(false);
         let projector_cfg = ProjectorConfig {

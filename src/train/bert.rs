@@ -4,7 +4,8 @@
 //! parameter names, same maths, HF `modeling_bert.py`) with every linear layer through the
 //! system BLAS and the fused LayerNorm and GELU (CPU, f32). Without gradients (the retrieval
 //! embedder and the chunk encoder at inference, [`crate::retrieval::embed::BertEmbedder`]) the
-//! layers run over each sequence's real tokens only ([`encoder_layer`]).
+//! layers run over each sequence's real tokens only ([`encoder_layer`]), their products in 8-bit
+//! integers where the embedder asks for it ([`TrainBert::set_int8`]).
 
 use crate::kernels::blas::encoder_layer;
 use crate::kernels::{blas, fused};
@@ -176,6 +177,8 @@ pub struct TrainBert {
     types: Embedding,
     norm: LayerNorm,
     layers: Vec<Layer>,
+    /// Each layer's linear weights in 8 bits, for the packed layers (`None`: f32 products).
+    int8: Option<Vec<encoder_layer::Int8Weights>>,
 }
 
 impl TrainBert {
@@ -193,7 +196,33 @@ impl TrainBert {
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| Layer::new(cfg, vb.pp(format!("encoder.layer.{i}"))))
                 .collect::<Result<_>>()?,
+            int8: None,
         })
+    }
+
+    /// Run the packed layers' products (a forward without gradients on the CPU in f32) in 8-bit
+    /// integers (`on`) or in f32 (the default). Turning it on quantizes every linear weight now,
+    /// once; the weights must not change afterwards (an inference model's never do: a model
+    /// that trains keeps its f32 path, see [`TrainBert::forward_with`]). Where the packed layers
+    /// do not apply (no biases, the tanh GELU) it stays off.
+    pub fn set_int8(&mut self, on: bool) {
+        // An error here (a tensor not contiguous f32 on the CPU) is the packed path's own: left
+        // off, the f32 forward reports it.
+        self.int8 = if on {
+            self.layers
+                .iter()
+                .map(|l| l.with_params(encoder_layer::Int8Weights::new))
+                .collect::<Result<Option<Vec<_>>>>()
+                .ok()
+                .flatten()
+        } else {
+            None
+        };
+    }
+
+    /// Whether the packed layers' products run in 8 bits ([`TrainBert::set_int8`]).
+    pub fn int8(&self) -> bool {
+        self.int8.is_some()
     }
 
     /// Last-layer states `(b, s, h)` of ids, type ids and attention mask `(b, s)` u32.
@@ -248,8 +277,9 @@ impl TrainBert {
         let (b, s, h) = x.dims3()?;
         let xv = x.flatten_all()?.to_vec1::<f32>()?;
         let mut packed = encoder_layer::Packed::from_padded(&xv, s, h, lens);
-        for layer in &self.layers {
-            if layer.with_params(|p| packed.layer(p))?.is_none() {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let int8 = self.int8.as_ref().map(|q| &q[i]);
+            if layer.with_params(|p| packed.layer(p, int8))?.is_none() {
                 return Ok(None);
             }
         }
