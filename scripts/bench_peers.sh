@@ -43,9 +43,13 @@ t0=$(date +%s.%N)
 RAYON_NUM_THREADS="$THREADS" OPENBLAS_NUM_THREADS="$THREADS" "$BIN" index --corpus "$CORPUS" \
   --index_dir "$OUT/index" --force --quiet > /dev/null
 t1=$(date +%s.%N)
-python3 - "$OUT" "$t0" "$t1" <<'PY'
+# The same with 8-bit products (index --int8; f32 where the CPU has no AVX-512 VNNI).
+RAYON_NUM_THREADS="$THREADS" OPENBLAS_NUM_THREADS="$THREADS" "$BIN" index --corpus "$CORPUS" \
+  --index_dir "$OUT/index_int8" --force --quiet --int8 > /dev/null
+t2=$(date +%s.%N)
+python3 - "$OUT" "$t0" "$t1" "$t2" <<'PY'
 import json, sys
-out, t0, t1 = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+out, t0, t1, t2 = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 peers = json.load(open(f"{out}/peers.json"))
 ours = json.load(open(f"{out}/refrag/bench.json"))
 rows = ours["rows"] if isinstance(ours, dict) and "rows" in ours else ours
@@ -65,6 +69,7 @@ for p in peers["llama_cpp"]:
           f"{by_p[0.25]['tokens_per_sec']:.1f} |")
 s = peers["sentence_transformers_faiss"]
 print(f"\nindexing {s['passages']} passages: sentence-transformers + faiss {s['index_sec']:.1f} s "
-      f"(+ {s['load_sec']:.1f} s loading), refrag index {t1 - t0:.1f} s (loading included)")
+      f"(+ {s['load_sec']:.1f} s loading), refrag index {t1 - t0:.1f} s (loading included), "
+      f"refrag index --int8 {t2 - t1:.1f} s")
 print("versions:", json.dumps(peers["versions"]))
 PY

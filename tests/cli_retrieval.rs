@@ -181,6 +181,30 @@ fn index_then_search_dense_lexical_hybrid() {
         &["--retrieval", "dense", "--embed_model", &bert],
     ));
     assert_eq!(out["hits"].as_array().unwrap().len(), 8);
+    // f32 unless asked: the manifest records the precision its queries follow.
+    assert_eq!(m["embed_int8"], false);
+}
+
+#[test]
+fn index_int8_is_recorded_and_searched_in_its_precision() {
+    let f = Fixture::new();
+    let o = f.index("corpus.txt", "idx8", &["--int8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(f.path("idx8/manifest.json")).unwrap()).unwrap();
+    // 8-bit only where the CPU has AVX-512 VNNI; elsewhere f32, said on stderr.
+    let vnni = refrag::kernels::igemm::available();
+    assert_eq!(m["embed_int8"], vnni);
+    if !vnni {
+        assert!(stderr(&o).contains("no AVX-512 VNNI"), "{}", stderr(&o));
+    }
+    let out = json(&f.search(
+        "idx8",
+        "Which river flows through City_7?",
+        &["--topk", "3"],
+    ));
+    assert_eq!(out["hits"].as_array().unwrap().len(), 3);
+    assert!(city7_kept(&out), "{out}");
 }
 
 #[test]

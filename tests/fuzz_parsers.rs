@@ -352,6 +352,7 @@ fn index_manifest_and_passages_survive_damaged_files() {
         dim: 32,
         pooling: refrag::retrieval::embed::Pooling::Mean,
         normalize: true,
+        embed_int8: false,
         max_seq_len: 128,
         count: passages.len(),
         corpus: "corpus.txt".into(),

@@ -257,6 +257,7 @@ fn squad_index(a: &EvalArgs, squad: &crate::io::squad::Squad) -> Result<tempfile
         embed: a.embed.clone(),
         index_type: "Flat".to_string(),
         batch_size: 64,
+        int8: false,
         enc: None,
         dec: None,
         k: None,

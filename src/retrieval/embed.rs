@@ -271,13 +271,14 @@ fn blas_network() -> Result<bool> {
     }
 }
 
-/// Whether [`BertEmbedder::load`] runs the linear layers in 8 bits: where the CPU has AVX-512
-/// VNNI ([`igemm::available`]; elsewhere the integer products would be slower than f32), unless
-/// `REFRAG_BERT_INT8=0`.
-fn int8_default() -> Result<bool> {
+/// Whether [`BertEmbedder::load`] runs the linear layers in 8 bits: with `REFRAG_BERT_INT8=1`
+/// where the CPU has AVX-512 VNNI ([`igemm::available`]; elsewhere the integer products would be
+/// slower than f32). Off by default: the 8-bit embeddings reorder near-tied passages, which
+/// moved answers on `rag_test` (top-n full 0.575 -> 0.525 EM, full context 0.500 -> 0.375).
+pub fn int8_default() -> Result<bool> {
     match std::env::var("REFRAG_BERT_INT8").as_deref() {
-        Err(_) | Ok("1") => Ok(igemm::available()),
-        Ok("0") => Ok(false),
+        Ok("1") => Ok(igemm::available()),
+        Err(_) | Ok("0") => Ok(false),
         Ok(other) => bail!("REFRAG_BERT_INT8={other}: expected 0 or 1"),
     }
 }
@@ -295,8 +296,8 @@ pub struct BertEmbedder {
 
 impl BertEmbedder {
     /// Load a Hugging Face BERT folder in f32 (weights memory-mapped), with the pooling of its
-    /// `1_Pooling/config.json` and L2 normalisation, the linear layers in 8 bits where the CPU
-    /// has VNNI ([`BertEmbedder::with_int8`]).
+    /// `1_Pooling/config.json` and L2 normalisation (the linear layers in 8 bits with
+    /// `REFRAG_BERT_INT8=1` where the CPU has VNNI, [`BertEmbedder::with_int8`]).
     pub fn load(files: &ModelFiles, device: &Device) -> Result<Self> {
         Self::load_with(files, device, DType::F32)
     }
@@ -351,12 +352,13 @@ impl BertEmbedder {
     }
 
     /// Run the encoder's linear layers in 8-bit integers (`on`) or f32. Only the BLAS network
-    /// (CPU, f32) has an 8-bit path; elsewhere this changes nothing. The retrieval model runs in
-    /// 8 bits where the CPU has VNNI: about 2x the passages per second of f32 (`refrag index`
-    /// on a 2-core Xeon), its embeddings at cosine 0.9986 of the f32 ones (MiniLM-L6, mean over
-    /// 3,000 passages), so near-tied passages may swap ranks. A model whose outputs must match
-    /// training's (the chunk encoder) turns it off. Turning it on where the CPU lacks VNNI runs
-    /// the portable integer loop (the same numbers, slowly: for tests).
+    /// (CPU, f32) has an 8-bit path; elsewhere this changes nothing. `index --int8` runs the
+    /// retrieval model in 8 bits where the CPU has VNNI: about 2x the passages per second of f32
+    /// (`refrag index` on a 2-core Xeon), its embeddings at cosine 0.9986 of the f32 ones
+    /// (MiniLM-L6, mean over 3,000 passages), so near-tied passages may swap ranks. A model
+    /// whose outputs must match training's (the chunk encoder) keeps it off. Turning it on
+    /// where the CPU lacks VNNI runs the portable integer loop (the same numbers, slowly: for
+    /// tests).
     pub fn with_int8(mut self, on: bool) -> Self {
         if let Network::Blas(m) = &mut self.model {
             m.set_int8(on);

@@ -75,6 +75,11 @@ pub struct Manifest {
     pub dim: usize,
     pub pooling: Pooling,
     pub normalize: bool,
+    /// Whether the passages were embedded with 8-bit products
+    /// ([`crate::retrieval::embed::BertEmbedder::with_int8`]); queries follow it where the CPU
+    /// can (absent, f32: indexes built before the 8-bit path).
+    #[serde(default)]
+    pub embed_int8: bool,
     /// Tokens per passage the embedder saw (longer passages were truncated for the dense side).
     pub max_seq_len: usize,
     /// Number of passages (= FAISS vectors).
