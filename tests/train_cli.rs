@@ -295,6 +295,59 @@ fn cpt_recon_then_cpt_next_then_generate_with_the_trained_decoder() {
         assert_eq!(g["meta"]["projector_trained"], true, "{g}");
         assert!(g["meta"]["generated_tokens"].as_u64().unwrap() <= 3);
     }
+
+    // Segment-pooled weights: a chunk cache built with them serves generate the answer that
+    // encoding the chunks per question gives.
+    let plain = f.generate("recon_seg");
+    let (c, e, w) = (f.s("corpus.txt"), f.s("enc"), f.s("recon_seg"));
+    let cached_idx = f.s("idx_seg");
+    let o = refrag(&[
+        "index",
+        "--corpus",
+        &c,
+        "--index_dir",
+        &cached_idx,
+        "--embed_model",
+        &e,
+        "--load_dir",
+        &w,
+        "--k",
+        "4",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cache = refrag::compression::chunk_cache::ChunkCache::load(&f.path("idx_seg"))
+        .unwrap()
+        .expect("a chunk cache");
+    // The cache holds the pooled runs side by side, what the widened projector reads.
+    let in_dim = config(&f.path("recon_seg"))["projector"]["in_dim"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(cache.meta.dim as u64, in_dim);
+    let cached = ok_json(&refrag(&[
+        "generate",
+        "--index_dir",
+        &cached_idx,
+        "--load_dir",
+        &w,
+        "--question",
+        "Which river flows through City_3?",
+        "--topk",
+        "2",
+        "--k",
+        "4",
+        "--max_new",
+        "3",
+        "--ctx_max",
+        "320",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]));
+    assert_eq!(cached["meta"]["chunk_cache"], true, "{cached}");
+    assert_eq!(plain["meta"]["chunk_cache"], false, "{plain}");
+    assert_eq!(plain["meta"]["expand_mask"], cached["meta"]["expand_mask"]);
+    assert_eq!(plain["answer"], cached["answer"]);
 }
 
 #[test]
