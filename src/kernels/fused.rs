@@ -301,12 +301,19 @@ struct GeluErf;
 /// `erf(x)`, Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), branch-light so that
 /// loops over it vectorise; libm's `erff` is a scalar call that dominated BERT's backward.
 fn erf(x: f32) -> f32 {
+    erf_with(x, f32::exp)
+}
+
+/// [`erf`] with the exponential `exp` (a vectorisable polynomial one in the 8-bit encoder
+/// layers' GELU, libm's here).
+#[inline(always)]
+pub(crate) fn erf_with(x: f32, exp: impl Fn(f32) -> f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t
         * (0.254_829_6
             + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let r = 1.0 - poly * (-a * a).exp();
+    let r = 1.0 - poly * exp(-a * a);
     r.copysign(x)
 }
 

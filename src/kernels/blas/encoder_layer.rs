@@ -291,13 +291,7 @@ simd_dispatch! {
 #[inline(always)]
 fn gelu_generic(x: &mut [f32]) {
     for v in x {
-        let z = *v * std::f32::consts::FRAC_1_SQRT_2;
-        let a = z.abs();
-        let t = 1.0 / (1.0 + 0.327_591_1 * a);
-        let poly = t
-            * (0.254_829_6
-                + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-        let erf = (1.0 - poly * exp_poly(-a * a)).copysign(z);
+        let erf = crate::kernels::fused::erf_with(*v * std::f32::consts::FRAC_1_SQRT_2, exp_poly);
         *v *= 0.5 * (1.0 + erf);
     }
 }
