@@ -33,8 +33,8 @@ fn config(dir: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
 }
 
-/// A run's evaluation (`start` or `end`): its 1-chunk reconstruction loss.
-fn config_eval(dir: &Path, at: &str) -> f64 {
+/// A run's 1-chunk reconstruction loss in its evaluation `at` (`start` or `end`).
+fn recon_1_nll(dir: &Path, at: &str) -> f64 {
     let e: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap();
     e[at]["recon_1_chunks"]["nll"].as_f64().unwrap()
@@ -75,8 +75,13 @@ impl Fixture {
     }
 
     fn index(&self) {
-        let (c, i, e) = (self.s("corpus.txt"), self.s("idx"), self.s("enc"));
-        let o = refrag(&[
+        self.index_into("idx", &[]);
+    }
+
+    /// `index` of the corpus into `index`, with `extra` flags (a chunk cache's).
+    fn index_into(&self, index: &str, extra: &[&str]) {
+        let (c, i, e) = (self.s("corpus.txt"), self.s(index), self.s("enc"));
+        let mut args = vec![
             "index",
             "--corpus",
             &c,
@@ -85,7 +90,9 @@ impl Fixture {
             "--embed_model",
             &e,
             "--quiet",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let o = refrag(&args);
         assert!(o.status.success(), "{}", stderr(&o));
     }
 
@@ -107,7 +114,12 @@ impl Fixture {
     }
 
     fn generate(&self, load_dir: &str) -> Value {
-        let (i, l) = (self.s("idx"), self.s(load_dir));
+        self.generate_in("idx", load_dir)
+    }
+
+    /// `generate` over the index `index` with the weights in `load_dir`.
+    fn generate_in(&self, index: &str, load_dir: &str) -> Value {
+        let (i, l) = (self.s(index), self.s(load_dir));
         ok_json(&refrag(&[
             "generate",
             "--index_dir",
@@ -233,7 +245,7 @@ fn cpt_recon_then_cpt_next_then_generate_with_the_trained_decoder() {
             .unwrap()
     );
     let (before, after) = (
-        config_eval(&f.path("recon"), "end"),
+        recon_1_nll(&f.path("recon"), "end"),
         out["eval"]["start"]["recon_1_chunks"]["nll"]
             .as_f64()
             .unwrap(),
@@ -299,23 +311,7 @@ fn cpt_recon_then_cpt_next_then_generate_with_the_trained_decoder() {
     // Segment-pooled weights: a chunk cache built with them serves generate the answer that
     // encoding the chunks per question gives.
     let plain = f.generate("recon_seg");
-    let (c, e, w) = (f.s("corpus.txt"), f.s("enc"), f.s("recon_seg"));
-    let cached_idx = f.s("idx_seg");
-    let o = refrag(&[
-        "index",
-        "--corpus",
-        &c,
-        "--index_dir",
-        &cached_idx,
-        "--embed_model",
-        &e,
-        "--load_dir",
-        &w,
-        "--k",
-        "4",
-        "--quiet",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    f.index_into("idx_seg", &["--load_dir", &f.s("recon_seg"), "--k", "4"]);
     let cache = refrag::compression::chunk_cache::ChunkCache::load(&f.path("idx_seg"))
         .unwrap()
         .expect("a chunk cache");
@@ -324,26 +320,7 @@ fn cpt_recon_then_cpt_next_then_generate_with_the_trained_decoder() {
         .as_u64()
         .unwrap();
     assert_eq!(cache.meta.dim as u64, in_dim);
-    let cached = ok_json(&refrag(&[
-        "generate",
-        "--index_dir",
-        &cached_idx,
-        "--load_dir",
-        &w,
-        "--question",
-        "Which river flows through City_3?",
-        "--topk",
-        "2",
-        "--k",
-        "4",
-        "--max_new",
-        "3",
-        "--ctx_max",
-        "320",
-        "--quiet",
-        "--device",
-        "cpu",
-    ]));
+    let cached = f.generate_in("idx_seg", "recon_seg");
     assert_eq!(cached["meta"]["chunk_cache"], true, "{cached}");
     assert_eq!(plain["meta"]["chunk_cache"], false, "{plain}");
     assert_eq!(plain["meta"]["expand_mask"], cached["meta"]["expand_mask"]);

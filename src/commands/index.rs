@@ -45,11 +45,11 @@ pub fn run(args: &IndexArgs) -> Result<()> {
     let passages: Vec<SourcedPassage> = corpus.passages().cloned().collect();
     let device = crate::device::select(args.runtime.device)?;
     let embedder = BertEmbedder::load(&files, &device)?;
-    let int8 = args.int8 || embedder.int8();
-    if int8 && !crate::kernels::igemm::available() {
+    let want = args.int8 || embedder.int8();
+    let embedder = embedder.with_int8_where_fast(want);
+    if want && !embedder.int8() {
         eprintln!("refrag: --int8: this CPU has no AVX-512 VNNI; embedding in f32");
     }
-    let embedder = embedder.with_int8(int8 && crate::kernels::igemm::available());
     let mut dense = index::new_dense_index(embedder.dim(), &args.index_type)?;
     if !dense.is_trained() {
         index::check_training_size(&args.index_type, passages.len())?;
@@ -191,10 +191,8 @@ fn append_vectors(
     let new_vectors = if plan.to_embed.is_empty() {
         Vec::new()
     } else {
-        let embedder = BertEmbedder::load(files, device)?;
-        let int8 = old.embed_int8 && crate::kernels::igemm::available();
-        let embedder = embedder
-            .with_int8(int8)
+        let embedder = BertEmbedder::load(files, device)?
+            .with_int8_where_fast(old.embed_int8)
             .with_pooling(old.pooling)
             .with_normalize(old.normalize);
         let texts: Vec<&str> = plan.to_embed.iter().map(String::as_str).collect();

@@ -366,6 +366,12 @@ impl BertEmbedder {
         self
     }
 
+    /// [`BertEmbedder::with_int8`] where the CPU has the fast 8-bit path, f32 elsewhere (`want`
+    /// false, or no AVX-512 VNNI): how the retrieval model picks its precision.
+    pub fn with_int8_where_fast(self, want: bool) -> Self {
+        self.with_int8(want && igemm::available())
+    }
+
     /// Whether the linear layers run in 8 bits ([`BertEmbedder::with_int8`]).
     pub fn int8(&self) -> bool {
         matches!(&self.model, Network::Blas(m) if m.int8())

@@ -204,12 +204,10 @@ impl Retriever {
             )
         })?;
         check_model(&self.dir, &self.manifest, &files)?;
-        let e = BertEmbedder::load(&files, &self.device)?;
         // Queries in the index's precision: 8-bit only where the passages were (and this CPU
         // has the 8-bit path), so an index built in f32 is searched in f32.
-        let int8 = self.manifest.embed_int8 && crate::kernels::igemm::available();
-        let e = e
-            .with_int8(int8)
+        let e = BertEmbedder::load(&files, &self.device)?
+            .with_int8_where_fast(self.manifest.embed_int8)
             .with_pooling(self.manifest.pooling)
             .with_normalize(self.manifest.normalize);
         if e.dim() != self.manifest.dim {
