@@ -14,8 +14,10 @@
 //! ```
 //!
 //! Prints, every `--log_every` steps, the windows' perplexity and token accuracy; the first
-//! line (step 0) is the vector initialised to the mean of the chunk's token embeddings, and a
-//! no-chunk line gives the baseline (BOS, then the tokens).
+//! line (step 0) is the starting vector (`--init mean`: the mean of the chunk's token
+//! embeddings; `--init encoder`: the trained encoder + projector's, so that `--steps 0` scores
+//! the compressor on the same windows), and a no-chunk line gives the baseline (BOS, then the
+//! tokens).
 
 use std::path::PathBuf;
 
@@ -23,11 +25,14 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use clap::Parser;
-use refrag::io::checkpoint::RefragConfig;
+use refrag::compression::encoder::parse_pooling;
+use refrag::io::checkpoint::{part_path, RefragConfig};
+use refrag::train::encoder::{ProjectorInit, TrainEncoder};
 use refrag::train::parts::{load_decoder, DecoderTraining};
 use refrag::train::seq::{forward_with_tables, perplexity, Seq};
 
 #[derive(Parser)]
+#[command(rename_all = "snake_case")]
 struct Args {
     /// Held-out text, one paragraph per line.
     #[arg(long)]
@@ -46,6 +51,11 @@ struct Args {
     lr: f64,
     #[arg(long, default_value_t = 10)]
     log_every: usize,
+    /// Where each vector starts: `mean` (of the chunk's token embeddings) or `encoder` (the
+    /// weights' own encoder + projector output for the chunk: step 0 is then what the trained
+    /// compressor gives on these very windows).
+    #[arg(long, default_value = "mean")]
+    init: String,
 }
 
 fn main() -> Result<()> {
@@ -85,14 +95,39 @@ fn main() -> Result<()> {
     let plain: Vec<Seq> = windows.iter().map(|t| Seq::no_context(bos, t)).collect();
     let base = forward_with_tables(&dec.decoder, &plain, vec![None; n], None)?;
     report("no chunk", &base.nll, base.correct, base.tokens);
-    // Start each vector at the mean of its chunk's token embeddings.
-    let vars = windows
+    let starts: Vec<Tensor> = match a.init.as_str() {
+        "mean" => windows
+            .iter()
+            .map(|t| {
+                let ids = Tensor::new(t.as_slice(), &dev)?;
+                let e = dec.decoder.embed(&ids)?.to_dtype(DType::F32)?;
+                Ok(e.mean_keepdim(0)?)
+            })
+            .collect::<Result<_>>()?,
+        "encoder" => {
+            let enc = TrainEncoder::load(
+                &cfg.encoder_model,
+                Some(&part_path(&a.weights, "encoder")),
+                parse_pooling(&cfg.encoder_pooling)?,
+                dec.decoder.hidden_size(),
+                ProjectorInit::File(&part_path(&a.weights, "projector")),
+                &dev,
+            )?;
+            let texts = windows
+                .iter()
+                .map(|t| dec.tok.decode(t))
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let e = enc.embed(&refs)?.detach();
+            (0..n)
+                .map(|i| Ok(e.narrow(0, i, 1)?.contiguous()?))
+                .collect::<Result<_>>()?
+        }
+        other => anyhow::bail!("--init {other}: expected mean or encoder"),
+    };
+    let vars = starts
         .iter()
-        .map(|t| {
-            let ids = Tensor::new(t.as_slice(), &dev)?;
-            let e = dec.decoder.embed(&ids)?.to_dtype(DType::F32)?;
-            Ok(Var::from_tensor(&e.mean_keepdim(0)?)?)
-        })
+        .map(|t| Ok(Var::from_tensor(t)?))
         .collect::<Result<Vec<Var>>>()?;
     let mut opt = AdamW::new(
         vars.clone(),
