@@ -44,12 +44,10 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// The texts' vectors as `index` computes them (sorted batches of 32).
 fn embed(e: &BertEmbedder, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
-    let mut out = Vec::new();
-    for c in texts.chunks(32) {
-        out.extend(e.embed(c)?);
-    }
-    Ok(out)
+    let flat = e.embed_all(texts, 32, |_| {})?;
+    Ok(flat.chunks(e.dim()).map(<[f32]>::to_vec).collect())
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -29,7 +29,7 @@ use refrag::compression::encoder::parse_pooling;
 use refrag::io::checkpoint::{part_path, RefragConfig};
 use refrag::train::encoder::{ProjectorInit, TrainEncoder};
 use refrag::train::parts::{load_decoder, DecoderTraining};
-use refrag::train::seq::{forward_with_tables, perplexity, Seq};
+use refrag::train::seq::{forward_with_tables, perplexity, Seq, SeqOut};
 
 #[derive(Parser)]
 #[command(rename_all = "snake_case")]
@@ -94,7 +94,7 @@ fn main() -> Result<()> {
         .collect();
     let plain: Vec<Seq> = windows.iter().map(|t| Seq::no_context(bos, t)).collect();
     let base = forward_with_tables(&dec.decoder, &plain, vec![None; n], None)?;
-    report("no chunk", &base.nll, base.correct, base.tokens);
+    report("no chunk", &base)?;
     let starts: Vec<Tensor> = match a.init.as_str() {
         "mean" => windows
             .iter()
@@ -152,10 +152,8 @@ fn main() -> Result<()> {
                     "step {step} ({:.0} s, mean |v| {norm:.2})",
                     t0.elapsed().as_secs_f64()
                 ),
-                &out.nll,
-                out.correct,
-                out.tokens,
-            );
+                &out,
+            )?;
         }
         if step < a.steps {
             opt.backward_step(&out.loss)?;
@@ -164,11 +162,13 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn report(what: &str, nll: &[f64], correct: usize, tokens: usize) {
-    let mean = nll.iter().sum::<f64>() / nll.len().max(1) as f64;
+/// Perplexity of the mean loss over every target, and token accuracy.
+fn report(what: &str, out: &SeqOut) -> Result<()> {
+    let nll = f64::from(out.loss.to_scalar::<f32>()?);
     println!(
         "{what}: ppl {:.2}, token acc {:.3}",
-        perplexity(mean),
-        correct as f64 / tokens.max(1) as f64
+        perplexity(nll),
+        out.correct as f64 / out.tokens.max(1) as f64
     );
+    Ok(())
 }

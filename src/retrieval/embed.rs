@@ -275,7 +275,7 @@ fn blas_network() -> Result<bool> {
 /// where the CPU has AVX-512 VNNI ([`igemm::available`]; elsewhere the integer products would be
 /// slower than f32). Off by default: the 8-bit embeddings reorder near-tied passages, which
 /// moved answers on `rag_test` (top-n full 0.575 -> 0.525 EM, full context 0.500 -> 0.375).
-pub fn int8_default() -> Result<bool> {
+fn int8_default() -> Result<bool> {
     match std::env::var("REFRAG_BERT_INT8").as_deref() {
         Ok("1") => Ok(igemm::available()),
         Err(_) | Ok("0") => Ok(false),
