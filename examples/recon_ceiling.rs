@@ -56,6 +56,11 @@ struct Args {
     /// compressor gives on these very windows).
     #[arg(long, default_value = "mean")]
     init: String,
+    /// Multiply every starting vector by this (how much the input's length, not its
+    /// direction, matters to the decoder: with `--steps 0`, a free rescaling of the
+    /// compressor's own output).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
 }
 
 fn main() -> Result<()> {
@@ -127,7 +132,7 @@ fn main() -> Result<()> {
     };
     let vars = starts
         .iter()
-        .map(|t| Ok(Var::from_tensor(t)?))
+        .map(|t| Ok(Var::from_tensor(&(t * a.scale)?)?))
         .collect::<Result<Vec<Var>>>()?;
     let mut opt = AdamW::new(
         vars.clone(),

@@ -248,6 +248,51 @@ impl QMatrix {
         matmul_t_many(&[(self, None)], x, m, &mut [y], act);
     }
 
+    /// Rows `r0..r0 + out.len()` against one activation row, into `out`: four rows a call
+    /// where the AVX-512 kernel runs (the activations loaded once for the four), one at a time
+    /// otherwise.
+    fn dot_rows(&self, r0: usize, a: &Row, simd: Simd, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Row::Q16(q) = a {
+            if simd == Simd::Avx512 && q.pairs.len() == q.q.len() {
+                let nb = self.cols / QK;
+                let qb = nb * self.kind.quant_bytes();
+                let mut fours = out.chunks_exact_mut(4);
+                let mut r = r0;
+                for o in &mut fours {
+                    let m = if self.m.is_empty() {
+                        &[][..]
+                    } else {
+                        &self.m[r * nb..(r + 4) * nb]
+                    };
+                    // SAFETY: `simd` is `Avx512` only where `simd_level` found AVX-512 F / BW /
+                    // VNNI and F16C (a test passing `Avx512` checks that level first), and
+                    // `pairs` holds the pair layout (checked above); the slices are four whole rows.
+                    let v = unsafe {
+                        avx512::dot_q16_x4(
+                            self.kind,
+                            nb,
+                            &self.d[r * nb..(r + 4) * nb],
+                            m,
+                            &self.qs[r * qb..(r + 4) * qb],
+                            q,
+                        )
+                    };
+                    o.copy_from_slice(&v);
+                    r += 4;
+                }
+                for o in fours.into_remainder() {
+                    *o = self.dot_row(r, a, simd);
+                    r += 1;
+                }
+                return;
+            }
+        }
+        for (k, o) in out.iter_mut().enumerate() {
+            *o = self.dot_row(r0 + k, a, simd);
+        }
+    }
+
     /// Dot product of weight row `r` with one activation row.
     fn dot_row(&self, r: usize, a: &Row, simd: Simd) -> f32 {
         let nb = self.cols / QK;
@@ -383,9 +428,13 @@ pub fn matmul_t_many(
         let (w, side) = parts[*i];
         let r0 = *t * per;
         let chunk = &mut **chunk;
-        for (k, o) in chunk.chunks_exact_mut(m).enumerate() {
-            for (a, slot) in acts.iter().zip(o.iter_mut()) {
-                *slot = w.dot_row(r0 + k, a, simd);
+        if m == 1 {
+            w.dot_rows(r0, &acts[0], simd, chunk);
+        } else {
+            for (k, o) in chunk.chunks_exact_mut(m).enumerate() {
+                for (a, slot) in acts.iter().zip(o.iter_mut()) {
+                    *slot = w.dot_row(r0 + k, a, simd);
+                }
             }
         }
         if let (Some(s), Some(low)) = (side, &lows[*i]) {
@@ -604,8 +653,8 @@ mod tests {
             (GgmlDType::Q4_1, QKind::Q4_1),
             (GgmlDType::Q8_0, QKind::Q8_0),
         ] {
-            for cols in [64, 96, 352, 576] {
-                let (rows, m) = (70, 3);
+            for (cols, m) in [(64, 3), (96, 1), (352, 3), (576, 1), (576, 3), (1056, 1)] {
+                let rows = 70;
                 let q = QTensor::quantize(&random(rows, cols, 1), t).unwrap();
                 let w = q.dequantize(&Device::Cpu).unwrap();
                 let mat = QMatrix::from_qtensor(&q).unwrap().unwrap();
@@ -626,15 +675,22 @@ mod tests {
                     Row::F32(F32Row::new(&xv[..cols])),
                     Row::Q16(Q16Row::new(&xv[..cols])),
                 ] {
-                    for r in 0..rows {
-                        let s = mat.dot_row(r, &a, Simd::Portable);
-                        for level in [Simd::Avx2, Simd::Avx512] {
-                            if level > simd_level() {
-                                continue;
-                            }
-                            let v = mat.dot_row(r, &a, level);
+                    for level in [Simd::Avx2, Simd::Avx512] {
+                        if level > simd_level() {
+                            continue;
+                        }
+                        // Rows 1..rows: four at a time from an odd start, and a remainder.
+                        let mut many = vec![0f32; rows - 1];
+                        mat.dot_rows(1, &a, level, &mut many);
+                        for r in 0..rows {
+                            let s = mat.dot_row(r, &a, Simd::Portable);
                             let tol = 1e-4 * s.abs().max(1.0);
+                            let v = mat.dot_row(r, &a, level);
                             assert!((s - v).abs() <= tol, "{kind:?} {level:?} row {r}");
+                            if r > 0 {
+                                let v = many[r - 1];
+                                assert!((s - v).abs() <= tol, "{kind:?} {level:?} rows, {r}");
+                            }
                         }
                     }
                 }
