@@ -57,6 +57,27 @@ unsafe fn hsum8(a: &[__m256; 8]) -> __m256 {
     )
 }
 
+/// `x <- exp(x - m)`, returning the sum, in independent lane sums so that the exponentials
+/// vectorise (one running sum would keep them scalar).
+#[inline(always)]
+fn exp_sum(x: &mut [f32], m: f32) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = exp_poly(*v - m);
+            *a += *v;
+        }
+    }
+    let mut tail = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp_poly(*v - m);
+        tail += *v;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// One kernel per storage type: `$name(q, seen, k, v, kv, (j0, j1), hd)` is the portable
 /// `attend_block` of the same task (query rows `q`, pre-scaled; row `r` sees keys below
 /// `seen[r]`).
@@ -115,11 +136,7 @@ macro_rules! kernel {
                 }
                 let row = &mut s[..live];
                 let m = max_of(row);
-                let mut l = 0f32;
-                for x in row.iter_mut() {
-                    *x = exp_poly(*x - m);
-                    l += *x;
-                }
+                let l = exp_sum(row, m);
                 // The output in 64-float slices held in eight registers across the keys.
                 let o = p.o.as_mut_ptr().add(r * hd);
                 for c0 in (0..hd).step_by(64) {
