@@ -1,6 +1,9 @@
 //! The decode-shaped products of SmolLM2-135M (one activation row): the quantized kernels of
 //! `refrag::kernels::qgemv` against the f32 BLAS product on the dequantized matrix, median of
-//! 50 after warm-up. `cargo run --release --example qgemv_bench`
+//! 50 after warm-up. `cargo run --release --example qgemv_bench`. Then the same 1536 x 576 Q4_1
+//! product over 180 different copies of the matrix in turn (~100 MB, a token's weight bytes), so
+//! that each pass reads its weights from beyond the core's own caches, as decoding does: the
+//! gap between the two is what memory, not arithmetic, costs.
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Module, Tensor};
 use refrag::kernels::qgemv::{simd_level, Act, QMatrix};
@@ -65,5 +68,32 @@ fn main() -> anyhow::Result<()> {
             tf / tq
         );
     }
+    let (rows, cols, copies) = (1536, 576, 180);
+    let mats: Vec<QMatrix> = (0..copies)
+        .map(|_| {
+            let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev)?;
+            let q = QTensor::quantize(&w, GgmlDType::Q4_1)?;
+            Ok(QMatrix::from_qtensor(&q)?.expect("a fast format"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let xv: Vec<f32> = Tensor::randn(0f32, 1.0, (1, cols), &dev)?
+        .flatten_all()?
+        .to_vec1()?;
+    let mut y = vec![0f32; rows];
+    let hot = time(|| mats[0].matmul_t(&xv, 1, &mut y, Act::Q16));
+    let mut next = 0;
+    let cold = time(|| {
+        mats[next % copies].matmul_t(&xv, 1, &mut y, Act::Q16);
+        next += 1;
+    });
+    let bytes: usize = mats.iter().map(QMatrix::bytes).sum();
+    println!(
+        "ffn_up x q16, one matrix again and again {:.1} us; {copies} matrices ({:.0} MB) in turn {:.1} us ({:.1} GB/s): {:.1}x",
+        hot * 1e6,
+        bytes as f64 / 1e6,
+        cold * 1e6,
+        mats[0].bytes() as f64 / cold / 1e9,
+        cold / hot
+    );
     Ok(())
 }
