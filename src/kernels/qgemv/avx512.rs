@@ -42,50 +42,31 @@ pub fn available() -> bool {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
 pub unsafe fn dot_q16(kind: QKind, d: &[f16], m: &[f16], qs: &[u8], a: &Q16Row) -> f32 {
     let nb = d.len();
-    let mut acc = _mm512_setzero_ps();
-    let zero = _mm512_setzero_si512();
+    let zero_ps = _mm512_setzero_ps();
+    let mut acc = zero_ps;
     // Lanes 0..8 take the first of two scales, 8..16 the second.
     let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     let mut b = 0;
     match kind {
         QKind::Q4_0 | QKind::Q4_1 => {
-            let low = _mm512_set1_epi16(0x0F);
             let xp = a.pairs.as_ptr();
             while b + 2 <= nb {
-                // 32 bytes: block b's 16, then block b + 1's, one byte per 16-bit lane.
-                let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
-                    qs.as_ptr().add(b * 16) as *const __m256i
-                ));
-                let lo = _mm512_and_si512(w, low);
-                let hi = _mm512_srli_epi16(w, 4);
                 let xlo = _mm512_loadu_si512(xp.add(b * QK) as *const _);
                 let xhi = _mm512_loadu_si512(xp.add(b * QK + QK) as *const _);
-                let s = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(zero, lo, xlo), hi, xhi);
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales2(d, &a.d, b, spread), acc);
+                let s = q4_pair(qs.as_ptr().add(b * 16), xlo, xhi);
+                let sc = scale2(d.as_ptr().add(b), a.d.as_ptr().add(b), spread);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc);
                 b += 2;
             }
         }
         QKind::Q8_0 => {
             let xp = a.q.as_ptr();
             while b + 2 <= nb {
-                let w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                    qs.as_ptr().add(b * QK) as *const __m256i
-                ));
-                let w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                    qs.as_ptr().add(b * QK + QK) as *const __m256i
-                ));
-                let s0 =
-                    _mm512_dpwssd_epi32(zero, w0, _mm512_loadu_si512(xp.add(b * QK) as *const _));
-                let s1 = _mm512_dpwssd_epi32(
-                    zero,
-                    w1,
-                    _mm512_loadu_si512(xp.add(b * QK + QK) as *const _),
-                );
-                // Fold each block's 16 lanes to 8: lanes 0..8 block b, 8..16 block b + 1.
-                let f0 = _mm512_add_epi32(s0, _mm512_shuffle_i64x2(s0, s0, 0b1110_1110));
-                let f1 = _mm512_add_epi32(s1, _mm512_shuffle_i64x2(s1, s1, 0b0100_0100));
-                let s = _mm512_mask_blend_epi32(0xFF00, f0, f1);
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scales2(d, &a.d, b, spread), acc);
+                let x0 = _mm512_loadu_si512(xp.add(b * QK) as *const _);
+                let x1 = _mm512_loadu_si512(xp.add(b * QK + QK) as *const _);
+                let s = q8_pair(qs.as_ptr().add(b * QK), x0, x1);
+                let sc = scale2(d.as_ptr().add(b), a.d.as_ptr().add(b), spread);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc);
                 b += 2;
             }
         }
@@ -99,8 +80,8 @@ pub unsafe fn dot_q16(kind: QKind, d: &[f16], m: &[f16], qs: &[u8], a: &Q16Row) 
     // The Q4 offsets and minimums against each block's exact sum.
     total
         + match kind {
-            QKind::Q4_0 => -8.0 * dot_half(d, &a.sum),
-            QKind::Q4_1 => dot_half(m, &a.sum),
+            QKind::Q4_0 => -8.0 * _mm512_reduce_add_ps(add_dot_half(zero_ps, d, &a.sum, 1.0)),
+            QKind::Q4_1 => _mm512_reduce_add_ps(add_dot_half(zero_ps, m, &a.sum, 1.0)),
             QKind::Q8_0 => 0.0,
         }
 }
@@ -121,14 +102,12 @@ pub unsafe fn dot_q16_x4(
 ) -> [f32; 4] {
     debug_assert_eq!(d.len(), 4 * nb);
     let mut acc = [_mm512_setzero_ps(); 4];
-    let zero = _mm512_setzero_si512();
     let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     let dp = d.as_ptr();
     let mut b = 0;
     match kind {
         QKind::Q4_0 | QKind::Q4_1 => {
             debug_assert_eq!(qs.len(), 4 * nb * QK / 2);
-            let low = _mm512_set1_epi16(0x0F);
             let xp = a.pairs.as_ptr();
             // Sixteen blocks at a time, each row's sixteen scales `d * a.d` computed at once
             // and spread to a pair's lanes by one permute.
@@ -140,12 +119,7 @@ pub unsafe fn dot_q16_x4(
                     let xhi = _mm512_loadu_si512(xp.add(bj * QK + QK) as *const _);
                     let idx = _mm512_add_epi32(spread, _mm512_set1_epi32(2 * j as i32));
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
-                            qs.as_ptr().add((r * nb + bj) * 16) as *const __m256i,
-                        ));
-                        let lo = _mm512_and_si512(w, low);
-                        let hi = _mm512_srli_epi16(w, 4);
-                        let s = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(zero, lo, xlo), hi, xhi);
+                        let s = q4_pair(qs.as_ptr().add((r * nb + bj) * 16), xlo, xhi);
                         let sc = _mm512_permutexvar_ps(idx, sv[r]);
                         *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, *acc);
                     }
@@ -155,20 +129,11 @@ pub unsafe fn dot_q16_x4(
             while b + 2 <= nb {
                 let xlo = _mm512_loadu_si512(xp.add(b * QK) as *const _);
                 let xhi = _mm512_loadu_si512(xp.add(b * QK + QK) as *const _);
-                let av = _mm_castsi128_ps(_mm_loadl_epi64(a.d.as_ptr().add(b) as *const __m128i));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let at = r * nb + b;
-                    let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
-                        qs.as_ptr().add(at * 16) as *const __m256i
-                    ));
-                    let lo = _mm512_and_si512(w, low);
-                    let hi = _mm512_srli_epi16(w, 4);
-                    let s = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(zero, lo, xlo), hi, xhi);
-                    *acc = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(s),
-                        scale2(dp.add(at), av, spread),
-                        *acc,
-                    );
+                    let s = q4_pair(qs.as_ptr().add(at * 16), xlo, xhi);
+                    let sc = scale2(dp.add(at), a.d.as_ptr().add(b), spread);
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, *acc);
                 }
                 b += 2;
             }
@@ -185,10 +150,7 @@ pub unsafe fn dot_q16_x4(
                     let x = _mm512_loadu_si512(xp.add(bj * QK) as *const _);
                     let idx = _mm512_set1_epi32(j as i32);
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                            qs.as_ptr().add((r * nb + bj) * QK) as *const __m256i,
-                        ));
-                        let s = _mm512_dpwssd_epi32(zero, w, x);
+                        let s = q8_block(qs.as_ptr().add((r * nb + bj) * QK), x);
                         let sc = _mm512_permutexvar_ps(idx, sv[r]);
                         *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, *acc);
                     }
@@ -198,25 +160,11 @@ pub unsafe fn dot_q16_x4(
             while b + 2 <= nb {
                 let x0 = _mm512_loadu_si512(xp.add(b * QK) as *const _);
                 let x1 = _mm512_loadu_si512(xp.add(b * QK + QK) as *const _);
-                let av = _mm_castsi128_ps(_mm_loadl_epi64(a.d.as_ptr().add(b) as *const __m128i));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let at = r * nb + b;
-                    let w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                        qs.as_ptr().add(at * QK) as *const __m256i
-                    ));
-                    let w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                        qs.as_ptr().add(at * QK + QK) as *const __m256i,
-                    ));
-                    let s0 = _mm512_dpwssd_epi32(zero, w0, x0);
-                    let s1 = _mm512_dpwssd_epi32(zero, w1, x1);
-                    let f0 = _mm512_add_epi32(s0, _mm512_shuffle_i64x2(s0, s0, 0b1110_1110));
-                    let f1 = _mm512_add_epi32(s1, _mm512_shuffle_i64x2(s1, s1, 0b0100_0100));
-                    let s = _mm512_mask_blend_epi32(0xFF00, f0, f1);
-                    *acc = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(s),
-                        scale2(dp.add(at), av, spread),
-                        *acc,
-                    );
+                    let s = q8_pair(qs.as_ptr().add(at * QK), x0, x1);
+                    let sc = scale2(dp.add(at), a.d.as_ptr().add(b), spread);
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, *acc);
                 }
                 b += 2;
             }
@@ -259,11 +207,46 @@ unsafe fn scales16(d: *const f16, nb: usize, b: usize, a: &Q16Row) -> [__m512; 4
     [row(0), row(1), row(2), row(3)]
 }
 
-/// `[d[0] a[0]; 8] ++ [d[1] a[1]; 8]` for `av = [a[0], a[1], ..]`, `d` widened from f16.
+/// `[d[0] a[0]; 8] ++ [d[1] a[1]; 8]`, `d` widened from f16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-unsafe fn scale2(d: *const f16, av: __m128, spread: __m512i) -> __m512 {
+unsafe fn scale2(d: *const f16, a: *const f32, spread: __m512i) -> __m512 {
     let dv = _mm_cvtph_ps(_mm_cvtsi32_si128((d as *const i32).read_unaligned()));
+    let av = _mm_castsi128_ps(_mm_loadl_epi64(a as *const __m128i));
     _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(dv, av)))
+}
+
+/// The integer sums of two 4-bit blocks (16 bytes each from `q`) against the activations'
+/// pair layout (`xlo`: both blocks' first halves, `xhi`: their second halves), widened to
+/// 16 bits and multiplied by `vpdpwssd`: lanes 0..8 the first block, 8..16 the second.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+unsafe fn q4_pair(q: *const u8, xlo: __m512i, xhi: __m512i) -> __m512i {
+    let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(q as *const __m256i));
+    let lo = _mm512_and_si512(w, _mm512_set1_epi16(0x0F));
+    let hi = _mm512_srli_epi16(w, 4);
+    _mm512_dpwssd_epi32(
+        _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, xlo),
+        hi,
+        xhi,
+    )
+}
+
+/// The integer sums of one 8-bit block (32 bytes from `q`) against its 16-bit activations, in
+/// 16 lanes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+unsafe fn q8_block(q: *const u8, x: __m512i) -> __m512i {
+    let w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(q as *const __m256i));
+    _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x)
+}
+
+/// [`q8_block`] of two consecutive blocks, each folded to 8 lanes: lanes 0..8 the first,
+/// 8..16 the second (the layout of [`q4_pair`] and [`scale2`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+unsafe fn q8_pair(q: *const u8, x0: __m512i, x1: __m512i) -> __m512i {
+    let s0 = q8_block(q, x0);
+    let s1 = q8_block(q.add(QK), x1);
+    let f0 = _mm512_add_epi32(s0, _mm512_shuffle_i64x2(s0, s0, 0b1110_1110));
+    let f1 = _mm512_add_epi32(s1, _mm512_shuffle_i64x2(s1, s1, 0b0100_0100));
+    _mm512_mask_blend_epi32(0xFF00, f0, f1)
 }
 
 /// `acc + scale * x * y` lane by lane over `x`'s length, `x` widened from f16, the tail masked.
@@ -303,33 +286,4 @@ unsafe fn sum4(v: [__m512; 4]) -> [f32; 4] {
     let mut out = [0f32; 4];
     _mm_storeu_ps(out.as_mut_ptr(), s);
     out
-}
-
-/// `[d[b] a[b]; 8] ++ [d[b + 1] a[b + 1]; 8]`, `d` widened from f16.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-unsafe fn scales2(d: &[f16], a: &[f32], b: usize, spread: __m512i) -> __m512 {
-    let two = (d.as_ptr().add(b) as *const i32).read_unaligned();
-    let dv = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
-    let av = _mm_castsi128_ps(_mm_loadl_epi64(a.as_ptr().add(b) as *const __m128i));
-    _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(dv, av)))
-}
-
-/// `sum(x y)` in 16 lanes, `x` widened from f16, the tail masked.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-unsafe fn dot_half(x: &[f16], y: &[f32]) -> f32 {
-    let n = x.len().min(y.len());
-    let mut acc = _mm512_setzero_ps();
-    let mut i = 0;
-    while i < n {
-        let k = (n - i).min(16);
-        let mask: __mmask16 = if k == 16 { 0xFFFF } else { (1u16 << k) - 1 };
-        let xv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-            mask,
-            x.as_ptr().add(i) as *const i16,
-        ));
-        let yv = _mm512_maskz_loadu_ps(mask, y.as_ptr().add(i));
-        acc = _mm512_fmadd_ps(xv, yv, acc);
-        i += 16;
-    }
-    _mm512_reduce_add_ps(acc)
 }
