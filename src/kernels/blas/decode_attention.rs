@@ -15,7 +15,7 @@ use std::cell::RefCell;
 
 use half::{f16, slice::HalfFloatSliceExt};
 
-use super::softmax::{exp_poly, max_of, simd_dispatch};
+use super::softmax::{exp_sum, max_of, simd_dispatch};
 
 /// Keys per parallel task.
 const KEY_BLOCK: usize = 256;
@@ -193,11 +193,7 @@ fn attend_block_generic(job: &Job<'_>) -> Partial {
         }
         let row = &mut s[r * n..r * n + live];
         let m = max_of(row);
-        let mut l = 0f32;
-        for x in row.iter_mut() {
-            *x = exp_poly(*x - m);
-            l += *x;
-        }
+        let l = exp_sum(row, m);
         let o = &mut p.o[r * hd..(r + 1) * hd];
         for (i, &w) in row.iter().enumerate() {
             let vj = &job.v[job.kv.v0 + (job.j0 + i) * job.kv.ldv..][..hd];

@@ -92,6 +92,15 @@ const LANES: usize = 16;
 #[inline(always)]
 fn softmax_generic(x: &mut [f32]) {
     let max = max_of(x);
+    let inv = 1.0 / exp_sum(x, max);
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `x <- exp(x - max)`, returning the sum, in independent lane sums so that the exponentials
+/// vectorise (one running sum would keep them scalar). Inlined into its callers, so it is
+/// compiled for whatever SIMD level they are.
+#[inline(always)]
+pub(super) fn exp_sum(x: &mut [f32], max: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
@@ -105,8 +114,7 @@ fn softmax_generic(x: &mut [f32]) {
         *v = exp_poly(*v - max);
         sum += *v;
     }
-    let inv = 1.0 / sum;
-    x.iter_mut().for_each(|v| *v *= inv);
+    sum
 }
 
 /// `e^x` for `x <= 0` (softmax arguments), relative error below 2e-7: `x = n ln2 + r`,

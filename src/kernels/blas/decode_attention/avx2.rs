@@ -10,7 +10,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::super::softmax::{exp_poly, max_of};
+use super::super::softmax::{exp_sum, max_of};
 use super::{KvHead, Partial};
 
 /// Whether this CPU runs the kernels (AVX2, FMA and F16C; checked once per process).
@@ -55,27 +55,6 @@ unsafe fn hsum8(a: &[__m256; 8]) -> __m256 {
         _mm256_permute2f128_ps(g0, g1, 0x20),
         _mm256_permute2f128_ps(g0, g1, 0x31),
     )
-}
-
-/// `x <- exp(x - m)`, returning the sum, in independent lane sums so that the exponentials
-/// vectorise (one running sum would keep them scalar).
-#[inline(always)]
-fn exp_sum(x: &mut [f32], m: f32) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let mut chunks = x.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
-            *v = exp_poly(*v - m);
-            *a += *v;
-        }
-    }
-    let mut tail = 0f32;
-    for v in chunks.into_remainder() {
-        *v = exp_poly(*v - m);
-        tail += *v;
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// One kernel per storage type: `$name(q, seen, k, v, kv, (j0, j1), hd)` is the portable
