@@ -249,39 +249,53 @@ impl QMatrix {
     }
 
     /// Rows `r0..r0 + out.len()` against one activation row, into `out`: four rows a call
-    /// where the AVX-512 kernel runs (the activations loaded once for the four), one at a time
+    /// (the activations loaded once for the four) where a four-row kernel fits, one at a time
     /// otherwise.
     fn dot_rows(&self, r0: usize, a: &Row, simd: Simd, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if let Row::Q16(q) = a {
-            if simd == Simd::Avx512 && q.pairs.len() == q.q.len() {
+        {
+            let q4 = self.kind != QKind::Q8_0;
+            // AVX2 keeps Q8_0 (an LM head) one row at a time: measured, its four-row kernel
+            // streamed a 30 MB head at half the rate.
+            let four = match a {
+                Row::Q16(q) if simd == Simd::Avx512 && q.pairs.len() == q.q.len() => {
+                    Some(Four::Avx512Q16(q))
+                }
+                Row::Q16(q) if simd == Simd::Avx2 && q4 => Some(Four::Avx2Q16(q)),
+                Row::Q8(q) if simd >= Simd::Avx2 && q4 => Some(Four::Avx2Q8(q)),
+                _ => None,
+            };
+            if let Some(four) = four {
                 let nb = self.cols / QK;
                 let qb = nb * self.kind.quant_bytes();
-                let mut fours = out.chunks_exact_mut(4);
+                let mut groups = out.chunks_exact_mut(4);
                 let mut r = r0;
-                for o in &mut fours {
+                for o in &mut groups {
                     let m = if self.m.is_empty() {
                         &[][..]
                     } else {
                         &self.m[r * nb..(r + 4) * nb]
                     };
+                    let (d, qs) = (
+                        &self.d[r * nb..(r + 4) * nb],
+                        &self.qs[r * qb..(r + 4) * qb],
+                    );
                     // SAFETY: `simd` is `Avx512` only where `simd_level` found AVX-512 F / BW /
-                    // VNNI and F16C (a test passing `Avx512` checks that level first), and
-                    // `pairs` holds the pair layout (checked above); the slices are four whole rows.
+                    // VNNI and F16C, and at least `Avx2` where it found AVX2 + FMA + F16C (a test
+                    // passing a level checks it first); `Avx512Q16` has the pair layout (checked
+                    // above), the `Avx2Q8` kernel takes 4-bit rows only; the slices are four
+                    // whole rows.
                     let v = unsafe {
-                        avx512::dot_q16_x4(
-                            self.kind,
-                            nb,
-                            &self.d[r * nb..(r + 4) * nb],
-                            m,
-                            &self.qs[r * qb..(r + 4) * qb],
-                            q,
-                        )
+                        match four {
+                            Four::Avx512Q16(q) => avx512::dot_q16_x4(self.kind, nb, d, m, qs, q),
+                            Four::Avx2Q16(q) => avx2::dot_q16_x4(self.kind, nb, d, m, qs, q),
+                            Four::Avx2Q8(q) => avx2::dot_x4(self.kind, nb, d, m, qs, q),
+                        }
                     };
                     o.copy_from_slice(&v);
                     r += 4;
                 }
-                for o in fours.into_remainder() {
+                for o in groups.into_remainder() {
                     *o = self.dot_row(r, a, simd);
                     r += 1;
                 }
@@ -326,6 +340,15 @@ impl QMatrix {
             Row::Q16(a) => dot_scalar_q16(self.kind, d, m, qs, a),
         }
     }
+}
+
+/// The four-row kernel [`QMatrix::dot_rows`] runs, with its activations.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Four<'a> {
+    Avx512Q16(&'a Q16Row),
+    Avx2Q16(&'a Q16Row),
+    Avx2Q8(&'a Q8Row),
 }
 
 /// A low-rank side path beside a quantized product, `y += scale (x A^T) B^T` (a LoRA adapter
@@ -392,21 +415,13 @@ pub fn matmul_t_many(
             assert_eq!(s.bt.len(), w.rows * s.r, "side path B");
         }
     }
-    let acts: Vec<Row> = x
-        .chunks_exact(cols)
-        .map(|r| match act {
-            Act::F32 => Row::F32(F32Row::new(r)),
-            Act::Q8 => Row::Q8(quantize_row(r)),
-            Act::Q16 => Row::Q16(Q16Row::new(r)),
-        })
-        .collect();
+    let acts: Vec<Row> = x.chunks_exact(cols).map(|r| act_row(r, act)).collect();
     let lows: Vec<Option<Vec<f32>>> = parts
         .iter()
         .map(|(_, s)| s.map(|s| s.low(x, cols)))
         .collect();
     let simd = simd_level();
-    // Rows in tasks of at least ~64K weights each: enough work to pay for a thread hop.
-    let per = (65_536 / cols).max(16);
+    let per = task_rows(cols);
     // Tasks write whole weight rows, so the products land as (rows, m); with one activation row
     // (every decoding step) that is `y` itself, otherwise a buffer transposed into `y`.
     let mut bufs: Vec<Vec<f32>> = if m == 1 {
@@ -465,12 +480,27 @@ pub fn matmul_t_many(
     }
 }
 
+/// One activation row as the products take it.
+fn act_row(x: &[f32], act: Act) -> Row {
+    match act {
+        Act::F32 => Row::F32(F32Row::new(x)),
+        Act::Q8 => Row::Q8(quantize_row(x)),
+        Act::Q16 => Row::Q16(Q16Row::new(x)),
+    }
+}
+
+/// Weight rows per parallel task of a one-row product: at least ~64K weights each, enough
+/// work to pay for a thread hop.
+fn task_rows(cols: usize) -> usize {
+    (65_536 / cols.max(1)).max(16)
+}
+
 /// The block-dot kernels a CPU runs, each level including the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Simd {
     /// Plain loops (any CPU).
     Portable,
-    /// AVX2 + FMA (x86-64 since 2013).
+    /// AVX2 + FMA + F16C (x86-64 since 2013).
     Avx2,
     /// AVX2 + FMA and AVX-512 F / BW / VNNI (Intel since Cascade Lake, AMD since Zen 4): the
     /// 16-bit activation kernel in `vpdpwssd`.
@@ -494,7 +524,10 @@ pub fn simd_level() -> Simd {
 fn detected() -> Simd {
     #[cfg(target_arch = "x86_64")]
     {
-        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+        if !(is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
+        {
             Simd::Portable
         } else if avx512::available() {
             Simd::Avx512
@@ -617,6 +650,8 @@ fn dot_scalar_q16(kind: QKind, d: &[f16], m: &[f16], qs: &[u8], a: &Q16Row) -> f
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod head;
+pub use head::top_rows;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
