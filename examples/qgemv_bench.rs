@@ -6,7 +6,8 @@
 //! gap between the two is what memory, not arithmetic, costs.
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Module, Tensor};
-use refrag::kernels::qgemv::{simd_level, Act, QMatrix};
+use refrag::decoder::GREEDY_KEEP;
+use refrag::kernels::qgemv::{simd_level, top_rows, Act, QMatrix};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -94,6 +95,36 @@ fn main() -> anyhow::Result<()> {
         cold * 1e6,
         mats[0].bytes() as f64 / cold / 1e9,
         cold / hot
+    );
+    // Greedy decoding's LM head against the whole one, each timed after the 180 copies have
+    // pushed it out of the caches, as a decoding step's layers do.
+    let w = Tensor::randn(0f32, 1.0, (49152, cols), &dev)?;
+    let head = QMatrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q8_0)?)?.expect("Q8_0");
+    let copy = head.to_q4_0();
+    let mut logits = vec![0f32; head.rows];
+    let mut cold_time = |f: &mut dyn FnMut()| {
+        median(
+            (0..15)
+                .map(|_| {
+                    for m in &mats {
+                        m.matmul_t(&xv, 1, &mut y, Act::Q16);
+                    }
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .collect(),
+        )
+    };
+    let whole = cold_time(&mut || head.matmul_t(&xv, 1, &mut logits, Act::Q16));
+    let top = cold_time(&mut || {
+        top_rows(&head, &copy, &xv, GREEDY_KEEP, Act::Q16);
+    });
+    println!(
+        "LM head (49152x576 Q8_0) from memory: whole {:.0} us, greedy ({GREEDY_KEEP} rows of its Q4_0 copy's best re-scored) {:.0} us: {:.2}x",
+        whole * 1e6,
+        top * 1e6,
+        whole / top
     );
     Ok(())
 }

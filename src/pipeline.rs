@@ -421,9 +421,12 @@ impl Refrag {
             .detach();
         let positions = x.dim(1)?;
         let mut kv = self.decoder.new_cache(positions + max_new + 1);
-        let logits = self
-            .decoder
-            .forward_embeds(&x, Some(&mut kv), Logits::Last)?;
+        let want = if sampler.is_greedy() {
+            Logits::Greedy
+        } else {
+            Logits::Last
+        };
+        let logits = self.decoder.forward_embeds(&x, Some(&mut kv), want)?;
         let mut tok = sampler.sample(&logits)?;
         times.prefill += t.elapsed().as_secs_f64();
         let mut tokens = Vec::new();
@@ -439,9 +442,7 @@ impl Refrag {
                     break;
                 }
                 let ids = Tensor::new(&[[tok]], &self.device)?;
-                let logits = self
-                    .decoder
-                    .forward_ids(&ids, Some(&mut kv), Logits::Last)?;
+                let logits = self.decoder.forward_ids(&ids, Some(&mut kv), want)?;
                 forwards += 1;
                 tok = sampler.sample(&logits)?;
             }

@@ -314,6 +314,40 @@ fn fast_decode_continuations_match_the_f32_path() {
     assert!(same_half >= 18, "{same_half} of 20");
 }
 
+/// Greedy decoding's LM head (its 4-bit copy ranks the vocabulary, the kept rows are scored on
+/// the head's own blocks) picks the whole head's argmax: two caches in lockstep over each
+/// prompt's greedy continuation, one asking for every logit, one for `Logits::Greedy`.
+#[test]
+#[ignore = "needs models/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch_models.sh)"]
+fn greedy_head_picks_the_whole_heads_argmax() {
+    let (mut m, tok) = load();
+    refrag::decoder::enable_fast_decode(&files(), &mut m).unwrap();
+    let n = 48;
+    let (mut steps, mut same) = (0, 0);
+    for p in PROMPTS {
+        let prompt = tok.encode(&tok.chat_prompt(None, p), false).unwrap();
+        let mut caches = [m.new_cache(prompt.len() + n), m.new_cache(prompt.len() + n)];
+        let mut x = Tensor::new(prompt.as_slice(), m.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        for _ in 0..n {
+            let [full, top] = &mut caches;
+            let all = m.forward_ids(&x, Some(full), Logits::Last).unwrap();
+            let kept = m.forward_ids(&x, Some(top), Logits::Greedy).unwrap();
+            let (a, b) = (argmax(&all), argmax(&kept));
+            steps += 1;
+            same += usize::from(a == b);
+            if a != b {
+                println!("{p:?}: whole head {a}, greedy head {b}");
+            }
+            x = Tensor::new(&[a], m.device()).unwrap().unsqueeze(0).unwrap();
+        }
+    }
+    println!("greedy head = whole head's argmax at {same} of {steps} steps");
+    assert_eq!(same, steps);
+}
+
 /// CPU seconds this process has used (user + system, all threads), from `/proc/self/stat`.
 fn cpu_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();

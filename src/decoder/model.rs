@@ -20,6 +20,7 @@ mod fast;
 mod proj;
 
 use attention::{Attention, Step};
+pub use fast::GREEDY_KEEP;
 use proj::Proj;
 
 /// Which positions to return logits for.
@@ -32,6 +33,10 @@ pub enum Logits {
     /// The last `n` positions: `(b, n, vocab)` (training: only the targets' positions go
     /// through the LM head, and no vocabulary-wide tensor is cut afterwards).
     Tail(usize),
+    /// The last position for greedy decoding, `(b, vocab)`: only the argmax has to be right,
+    /// so on the decoding fast path only the rows that can win are scored and the rest are
+    /// minus infinity ([`Decoder::greedy_logits`]); as `Last` elsewhere.
+    Greedy,
 }
 
 /// RMS norm with its weight kept at hand so either path can use it.
@@ -383,9 +388,14 @@ impl Decoder {
     /// The final norm and the LM head over the positions `logits` asks for of `h` `(b, t, d)`.
     fn logits(&self, h: &Tensor, logits: Logits, grad: bool) -> Result<Tensor> {
         let t = h.dim(1)?;
+        if logits == Logits::Greedy && !grad {
+            if let Some(l) = self.greedy_logits(h)? {
+                return Ok(l);
+            }
+        }
         let h = match logits {
             Logits::All => h.clone(),
-            Logits::Last => h.i((.., t - 1, ..))?.contiguous()?, // (b, d)
+            Logits::Last | Logits::Greedy => h.i((.., t - 1, ..))?.contiguous()?, // (b, d)
             Logits::Tail(n) => h.narrow(1, t - n.min(t), n.min(t))?.contiguous()?, // (b, n, d)
         };
         let h = self.norm.forward(&h, grad)?;

@@ -24,6 +24,11 @@ impl Sampler {
         }
     }
 
+    /// Whether this sampler takes the argmax (so only the largest logit has to be right).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
     /// Pick a token from logits of shape (vocab,) or (1, vocab).
     pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
         let logits: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;

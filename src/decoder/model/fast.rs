@@ -5,14 +5,14 @@
 //! gradient keep the f32 BLAS product. A merged LoRA adapter stays in the dense weights and runs
 //! as a low-rank side path beside the quantized ones, so both paths compute the same map.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::Linear;
 
 use super::{Decoder, Proj};
-use crate::kernels::qgemv::{matmul_t_many, Act, LowRank, QMatrix};
+use crate::kernels::qgemv::{matmul_t_many, top_rows, Act, LowRank, QMatrix};
 
 /// Inputs of at most this many rows take the quantized product.
 pub const FAST_ROWS: usize = 4;
@@ -24,6 +24,9 @@ pub struct FastProj {
     pub act: Act,
     /// A merged adapter, applied beside `q` inside its product.
     pub side: Option<LowRank>,
+    /// `q` in 4-bit blocks, made on first use by greedy decoding's LM head
+    /// ([`Decoder::greedy_logits`]); shared by clones.
+    pub coarse: Arc<OnceLock<QMatrix>>,
 }
 
 impl FastProj {
@@ -134,6 +137,46 @@ impl Decoder {
     }
 }
 
+/// Rows of the LM head greedy decoding scores exactly, of those its 4-bit copy ranks best.
+pub const GREEDY_KEEP: usize = 64;
+
+/// Whether greedy decoding ranks the LM head's rows on its 4-bit copy first (`REFRAG_HEAD`:
+/// `top`, the default, or `full`: every row on the head's own blocks).
+fn greedy_head() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("REFRAG_HEAD").as_deref() != Ok("full"))
+}
+
+impl Decoder {
+    /// Greedy decoding's logits for the last position of the final hidden states `h`
+    /// `(1, t, d)`: the [`GREEDY_KEEP`] rows the LM head's 4-bit copy ranks best, each scored
+    /// on the head's own blocks exactly as the whole head scores it, and minus infinity
+    /// elsewhere, `(1, vocab)`; their argmax is the whole head's whenever its winner ranks
+    /// among those rows in the copy ([`crate::kernels::qgemv::top_rows`]). `None` where the
+    /// head has no quantized twin (or an adapter or bias beside it), for a batch, or with
+    /// `REFRAG_HEAD=full`.
+    pub(super) fn greedy_logits(&self, h: &Tensor) -> Result<Option<Tensor>> {
+        let Proj::Fast(f) = &self.lm_head else {
+            return Ok(None);
+        };
+        let (b, t, _) = h.dims3()?;
+        if b != 1 || !greedy_head() || f.side.is_some() || f.dense.bias().is_some() {
+            return Ok(None);
+        }
+        let last = h.narrow(1, t - 1, 1)?;
+        if !f.takes_fast_path(&last) {
+            return Ok(None);
+        }
+        let x: Vec<f32> = self.norm.forward(&last, false)?.flatten_all()?.to_vec1()?;
+        let coarse = f.coarse.get_or_init(|| f.q.to_q4_0());
+        let mut logits = vec![f32::NEG_INFINITY; f.q.rows];
+        for (r, v) in top_rows(&f.q, coarse, &x, GREEDY_KEEP, f.act) {
+            logits[r] = v;
+        }
+        Ok(Some(Tensor::from_vec(logits, (1, f.q.rows), h.device())?))
+    }
+}
+
 /// Put the quantized twin `q` beside the dense projection in `slot` (rows un-permuted from
 /// llama.cpp's interleaved rotary layout for a Llama q / k with `heads`); 0 bytes when the
 /// format has no fast kernel or the slot is not plain dense.
@@ -161,6 +204,7 @@ fn attach(slot: &mut Proj, q: &QTensor, heads: Option<usize>, act: Act) -> anyho
         q: Arc::new(mat),
         act,
         side: None,
+        coarse: Arc::default(),
     }));
     Ok(bytes)
 }

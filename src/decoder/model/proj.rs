@@ -116,6 +116,7 @@ impl Proj {
                     q: f.q,
                     act: f.act,
                     side: Some(fast::FastProj::low_rank(&a, &b, scale)?),
+                    coarse: Default::default(),
                 })))
             }
             Proj::Fast(f) => Proj::Dense(f.dense).with_lora(a, b, scale, train),
