@@ -178,8 +178,10 @@ fn mixed_next_paragraph_loss_adds_to_the_answer_loss_at_its_weight() {
     let next = one.stats.extra["next_loss"];
     assert_eq!(next.1, 1.0);
     assert!(next.0 > 0.0);
-    // The answer part is the unmixed run's (the next-paragraph draws come after its draws).
-    assert_eq!(one.stats.loss, plain.stats.loss);
+    // The answer part is the unmixed run's (the next-paragraph draws come after its draws); to
+    // rounding, as another test of this binary may hold the BLAS on one thread meanwhile (its
+    // thread count is process-wide), which moved the 7th digit once under load.
+    assert!((one.stats.loss - plain.stats.loss).abs() <= 1e-5 * plain.stats.loss.abs());
     assert!((loss(&one) - loss(&plain) - next.0 as f32).abs() < 1e-4);
     assert!((loss(&two) - loss(&plain) - 2.0 * next.0 as f32).abs() < 1e-4);
     assert!(!plain.stats.extra.contains_key("next_loss"));
