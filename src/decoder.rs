@@ -27,7 +27,7 @@ pub use cache::KvCache;
 pub use chat::ChatTemplate;
 pub use config::{Arch, DecoderConfig, RopeScaling};
 pub use gguf::{permute_qk, unpermute_qk};
-pub use model::{Decoder, Logits};
+pub use model::{Decoder, Logits, GREEDY_KEEP};
 pub use tokenizer::{build_bpe, tokenizer_from_file, DecoderTokenizer};
 pub use weights::{load_tokenizer, load_trained};
 
