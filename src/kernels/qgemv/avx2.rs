@@ -138,23 +138,11 @@ pub unsafe fn dot_q16_x4(
     debug_assert_eq!(d.len(), 4 * nb);
     let mut acc = [_mm256_setzero_ps(); 4];
     let low = _mm256_set1_epi16(0x0F);
-    let (dp, qp, xq) = (d.as_ptr(), qs.as_ptr(), a.q.as_ptr());
+    let (qp, xq) = (qs.as_ptr(), a.q.as_ptr());
     let mut b = 0;
     while b < nb {
         let n = (nb - b).min(8);
-        let mut sv = [_mm256_setzero_ps(); 4];
-        for (r, sv) in sv.iter_mut().enumerate() {
-            *sv = if n == 8 {
-                let dv = _mm256_cvtph_ps(_mm_loadu_si128(dp.add(r * nb + b) as *const __m128i));
-                _mm256_mul_ps(dv, _mm256_loadu_ps(a.d.as_ptr().add(b)))
-            } else {
-                let mut v = [0f32; 8];
-                for (j, v) in v.iter_mut().enumerate().take(n) {
-                    *v = widen(d[r * nb + b + j]) * a.d[b + j];
-                }
-                _mm256_loadu_ps(v.as_ptr())
-            };
-        }
+        let sv = scales8(d, nb, b, n, &a.d);
         for j in 0..n {
             let bj = b + j;
             let xp = xq.add(bj * QK) as *const __m256i;
@@ -210,23 +198,11 @@ pub unsafe fn dot_x4(
     debug_assert!(kind != QKind::Q8_0 && d.len() == 4 * nb);
     let mut acc = [_mm256_setzero_ps(); 4];
     let (ones, low) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F));
-    let (dp, qp, xq) = (d.as_ptr(), qs.as_ptr(), a.q.as_ptr());
+    let (qp, xq) = (qs.as_ptr(), a.q.as_ptr());
     let mut b = 0;
     while b < nb {
         let n = (nb - b).min(8);
-        let mut sv = [_mm256_setzero_ps(); 4];
-        for (r, sv) in sv.iter_mut().enumerate() {
-            *sv = if n == 8 {
-                let dv = _mm256_cvtph_ps(_mm_loadu_si128(dp.add(r * nb + b) as *const __m128i));
-                _mm256_mul_ps(dv, _mm256_loadu_ps(a.d.as_ptr().add(b)))
-            } else {
-                let mut v = [0f32; 8];
-                for (j, v) in v.iter_mut().enumerate().take(n) {
-                    *v = widen(d[r * nb + b + j]) * a.d[b + j];
-                }
-                _mm256_loadu_ps(v.as_ptr())
-            };
-        }
+        let sv = scales8(d, nb, b, n, &a.d);
         for j in 0..n {
             let bj = b + j;
             let x = _mm256_loadu_si256(xq.add(bj * QK) as *const __m256i);
@@ -260,6 +236,27 @@ pub unsafe fn dot_x4(
             };
     }
     out
+}
+
+/// The products `d_w d_x` of blocks `b..b + n` (`n` at most 8) for each of four rows (`d`
+/// holds the four, `nb` blocks each) and the activations' scales `ad`, eight blocks widened
+/// and multiplied at once; lanes past `n` are zero.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scales8(d: &[f16], nb: usize, b: usize, n: usize, ad: &[f32]) -> [__m256; 4] {
+    let mut sv = [_mm256_setzero_ps(); 4];
+    for (r, sv) in sv.iter_mut().enumerate() {
+        *sv = if n == 8 {
+            let dv = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(r * nb + b) as *const _));
+            _mm256_mul_ps(dv, _mm256_loadu_ps(ad.as_ptr().add(b)))
+        } else {
+            let mut v = [0f32; 8];
+            for (j, v) in v.iter_mut().enumerate().take(n) {
+                *v = widen(d[r * nb + b + j]) * ad[b + j];
+            }
+            _mm256_loadu_ps(v.as_ptr())
+        };
+    }
+    sv
 }
 
 /// `sum x[i] y[i]` of f16 `x` and f32 `y`, eight at a time.

@@ -86,14 +86,13 @@ impl QMatrix {
     /// is bit for bit the one the whole product gives.
     fn dot_row_as_in_product(&self, r: usize, per: usize, a: &Row, simd: Simd) -> f32 {
         let start = r / per * per;
-        let len = per.min(self.rows - start);
-        let group = start + (r - start) / 4 * 4;
-        let n = if group + 4 <= start + len / 4 * 4 {
-            4
+        // Where the task's groups of four end; the rows after them go one at a time.
+        let fours_end = start + per.min(self.rows - start) / 4 * 4;
+        let (group, n) = if r < fours_end {
+            (start + (r - start) / 4 * 4, 4)
         } else {
-            1
+            (r, 1)
         };
-        let group = if n == 4 { group } else { r };
         let mut out = [0f32; 4];
         self.dot_rows(group, a, simd, &mut out[..n]);
         out[r - group]
