@@ -89,6 +89,10 @@ pub struct CptArgs {
     /// schedule that aligns the projector before the encoder moves).
     #[arg(long = "freeze_enc", alias = "freeze-enc")]
     pub freeze_enc: bool,
+    /// Learning rate of the chunk encoder (BERT) when it trains; the projector keeps --lr
+    /// [default: --lr].
+    #[arg(long = "enc_lr", alias = "enc-lr", value_parser = positive_f64)]
+    pub enc_lr: Option<f64>,
     /// Rank of the decoder's LoRA adapter where it trains (0: fine-tune every weight)
     /// [default: 8 in cpt_next; cpt_recon keeps the decoder frozen unless given].
     #[arg(long = "lora_rank", alias = "lora-rank")]

@@ -47,6 +47,9 @@ pub struct TrainEncoder {
     /// Keep the encoder as it is and train only the projector (`--freeze_enc`): the pooled
     /// states are detached, so no gradient flows back through BERT.
     pub frozen: bool,
+    /// The encoder's learning rate over the run's base rate (`--enc_lr`; the projector keeps
+    /// the base rate).
+    pub lr_scale: f64,
     device: Device,
 }
 
@@ -99,6 +102,7 @@ impl TrainEncoder {
             pooling,
             model_name: enc.to_string(),
             frozen: false,
+            lr_scale: 1.0,
             device: device.clone(),
         })
     }

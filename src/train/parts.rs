@@ -325,7 +325,7 @@ pub fn enc_dec_groups(
             Group {
                 name: "encoder".into(),
                 vars: encoder,
-                lr_scale: 1.0,
+                lr_scale: enc.lr_scale,
             },
         );
     }
