@@ -75,6 +75,9 @@ fn validate(a: &BenchArgs) -> Result<()> {
 pub fn run(a: &BenchArgs) -> Result<()> {
     validate(a)?;
     let peak_measured = a.peak_gflops.is_none();
+    if let Some(note) = crate::kernels::blas::core::user_choice_note() {
+        eprintln!("{note}");
+    }
     let a = &BenchArgs {
         peak_gflops: Some(a.peak_gflops.unwrap_or_else(blas::sgemm_peak_gflops)),
         ..a.clone()
@@ -428,5 +431,6 @@ fn meta_json(
         "ttft_refrag": "selection + encoding (0 when cached) + projection + prefill",
         "ttft_full": "prefill of the full-context input (p = 1)",
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "openblas_core": crate::kernels::blas::core::corename(),
     })
 }

@@ -91,6 +91,14 @@ fn out_dir_and_resume(t: &TrainArgs, stage: &str) -> Result<(PathBuf, Option<Tra
     }
 }
 
+/// Items per forward pass: `--micro_batch`, but no more than a step's share of each of the
+/// `workers` the loop runs micro-batches on (one per BLAS thread, side by side): a step of one
+/// micro-batch would run on one core and leave the others idle (`--batch_size 16 --micro_batch
+/// 16` on two cores: one busy). The micro-batches in flight hold as many items as before.
+fn micro_batch(batch: usize, asked: usize, workers: usize) -> usize {
+    asked.min(batch).min(batch.div_ceil(workers.max(1)))
+}
+
 /// The loop settings from the flags.
 fn loop_config(
     t: &TrainArgs,
@@ -107,10 +115,31 @@ fn loop_config(
             );
         }
     }
+    // The workers are CPU threads each running its products on one BLAS thread: on a GPU a
+    // step's micro-batches stay as asked.
+    let on_cpu = match rt.device {
+        crate::cli::DeviceArg::Cpu => true,
+        crate::cli::DeviceArg::Auto => {
+            !candle_core::utils::cuda_is_available() && !candle_core::utils::metal_is_available()
+        }
+        _ => false,
+    };
+    let workers = if on_cpu {
+        crate::kernels::blas::threads::workers()
+    } else {
+        1
+    };
+    let micro_batch = micro_batch(t.batch_size, t.micro_batch, workers);
+    if micro_batch < t.micro_batch.min(t.batch_size) {
+        eprintln!(
+            "refrag: micro-batches of {micro_batch}, so that a step's micro-batches run side by side on all {workers} cores (--micro_batch {} would leave some idle)",
+            t.micro_batch
+        );
+    }
     LoopConfig {
         steps: t.steps,
         batch_size: t.batch_size,
-        micro_batch: t.micro_batch.min(t.batch_size),
+        micro_batch,
         schedule: LrSchedule {
             peak: lr,
             warmup: t.warmup.unwrap_or((t.steps / 20).max(1)),
@@ -137,6 +166,9 @@ fn loop_config(
 
 /// Run the loop and report: the evaluation on stdout, or exit 130 after an interrupt.
 fn finish(task: &mut dyn Task, cfg: &LoopConfig) -> Result<()> {
+    if let Some(note) = crate::kernels::blas::core::user_choice_note() {
+        eprintln!("{note}");
+    }
     // A training step is many mid-sized products between elementwise work, and OpenBLAS's
     // threads spin between them: on two cores a cpt_next step (batch 8) took 14 s with two BLAS
     // threads and 10 s with one BLAS and one rayon thread while a second run used the other
@@ -363,6 +395,9 @@ pub fn run_cpt(a: &CptArgs, mode: CptMode) -> Result<()> {
         mode == CptMode::Recon && a.lora_rank.is_none(),
         a.runtime.seed,
     );
+    if a.enc_lr.is_some() && a.freeze_enc {
+        bail!("--enc_lr: the encoder is frozen (--freeze_enc), so it has no learning rate");
+    }
     // Missing data fails before the models load.
     for (flag, path) in [
         ("--train_json", Some(&a.train_json)),
@@ -394,6 +429,7 @@ pub fn run_cpt(a: &CptArgs, mode: CptMode) -> Result<()> {
         dec_lr_scale: a.dec_lr.map_or(0.2, |d| d / lr),
         eval_batch: a.train.micro_batch,
     };
+    enc.lr_scale = a.enc_lr.map_or(1.0, |e| e / lr);
     let mut task = CptTask::new(settings, enc, dec, data, &src.dec)?;
     let cfg = loop_config(&a.train, &a.runtime, lr, out_dir, resume);
     finish(&mut task, &cfg)
@@ -546,4 +582,19 @@ pub fn run_policy(a: &TrainPolicyArgs) -> Result<()> {
         q.resume,
     );
     finish(&mut task, &cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::micro_batch;
+
+    #[test]
+    fn a_step_is_split_over_the_workers() {
+        assert_eq!(micro_batch(16, 16, 2), 8);
+        assert_eq!(micro_batch(16, 4, 2), 4);
+        assert_eq!(micro_batch(3, 3, 2), 2);
+        assert_eq!(micro_batch(16, 16, 1), 16);
+        assert_eq!(micro_batch(2, 8, 1), 2);
+        assert_eq!(micro_batch(1, 1, 4), 1);
+    }
 }

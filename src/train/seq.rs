@@ -452,8 +452,19 @@ pub fn score_trained(
     batch: usize,
 ) -> Result<Scored> {
     let (mut nll, mut tokens, mut correct) = (Vec::new(), 0, 0);
-    for b in seqs.chunks(batch.max(1)) {
-        let out = forward_trained(enc, dec, b, false)?;
+    // The batches side by side, one per BLAS thread (each product on its worker), taken in
+    // order: the same sums as one by one.
+    let batches: Vec<&[Seq]> = seqs.chunks(batch.max(1)).collect();
+    let mut outs: Vec<Option<SeqOut>> = (0..batches.len()).map(|_| None).collect();
+    crate::kernels::blas::threads::side_by_side(
+        batches.len(),
+        |i| forward_trained(enc, dec, batches[i], false),
+        |i, out| {
+            outs[i] = Some(out?);
+            Ok(())
+        },
+    )?;
+    for out in outs.into_iter().flatten() {
         nll.extend(out.nll);
         tokens += out.tokens;
         correct += out.correct;

@@ -26,6 +26,46 @@ pub fn better_core(corename: &str, avx512: bool, avx2_fma: bool) -> Option<&'sta
     }
 }
 
+/// Whether OpenBLAS's kernel family `corename` uses AVX-512 (OpenBLAS's names for the Intel
+/// families with it; its AMD names, `Zen`, run the Haswell kernels).
+pub fn uses_avx512(corename: &str) -> bool {
+    ["skylakex", "cooperlake", "sapphirerapids"]
+        .iter()
+        .any(|n| corename.eq_ignore_ascii_case(n))
+}
+
+/// This CPU has the AVX-512 subsets OpenBLAS's SkylakeX kernels need.
+#[cfg(target_arch = "x86_64")]
+fn cpu_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512cd")
+}
+
+/// A one-line note when the user's own `OPENBLAS_CORETYPE` keeps OpenBLAS below what this CPU
+/// runs (e.g. `Haswell` on an AVX-512 CPU: half the sgemm rate, measured 108 against 200
+/// GFLOP/s a core on a Zen 5 EPYC). [`ensure`] leaves a user's choice alone; the commands whose
+/// time is mostly products (training, `bench`) say so instead of silently running slower.
+pub fn user_choice_note() -> Option<String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let set = std::env::var("OPENBLAS_CORETYPE").ok()?;
+        let name = corename()?;
+        (cpu_avx512() && !uses_avx512(&name)).then(|| {
+            format!(
+                "refrag: OPENBLAS_CORETYPE={set} keeps OpenBLAS on its {name} kernels on this \
+                 AVX-512 CPU (about half the sgemm rate); unset it or set SkylakeX"
+            )
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
 /// OpenBLAS's name for the kernels it chose, when the process has OpenBLAS.
 pub fn corename() -> Option<String> {
     // SAFETY: dlsym with RTLD_DEFAULT only looks a symbol up; a non-null result for this name is
@@ -55,11 +95,7 @@ pub fn ensure() {
         let Some(name) = corename() else {
             return;
         };
-        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512cd");
+        let avx512 = cpu_avx512();
         let avx2_fma = std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");
         let Some(core) = better_core(&name, avx512, avx2_fma) else {
@@ -78,7 +114,13 @@ pub fn ensure() {
 
 #[cfg(test)]
 mod tests {
-    use super::better_core;
+    use super::{better_core, uses_avx512};
+
+    #[test]
+    fn avx512_families_are_named() {
+        assert!(uses_avx512("SkylakeX") && uses_avx512("COOPERLAKE"));
+        assert!(!uses_avx512("Haswell") && !uses_avx512("Zen") && !uses_avx512("Prescott"));
+    }
 
     #[test]
     fn only_a_fallback_is_replaced() {

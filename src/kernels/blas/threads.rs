@@ -41,6 +41,18 @@ pub fn threads() -> Option<usize> {
     openblas().map(|(get, _)| unsafe { get() }.max(1) as usize)
 }
 
+/// The workers [`side_by_side`] runs on: the BLAS's thread count before any [`OneThread`] guard
+/// took it to one (so the same answer while a guard is alive), or 1 when it cannot be read.
+pub fn workers() -> usize {
+    let held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    if held.0 > 0 {
+        held.1.max(1) as usize
+    } else {
+        // Read under the lock, so no guard can take the count to one meanwhile.
+        threads().unwrap_or(1)
+    }
+}
+
 /// How many [`OneThread`] guards are alive, and the thread count the first one found.
 static HELD: Mutex<(usize, c_int)> = Mutex::new((0, 0));
 
