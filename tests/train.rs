@@ -218,7 +218,10 @@ fn distillation_adds_its_weighted_kl_which_vanishes_when_every_chunk_is_expanded
     assert!(!plain.stats.extra.contains_key("distill_kl"));
     let kl = one.stats.extra["distill_kl"].0;
     assert!(kl > 1e-4, "compressed against full context: KL {kl}");
-    assert_eq!(two.stats.extra["distill_kl"].0, kl);
+    // The same KL whatever its weight; to rounding, as another test of this binary may hold
+    // the BLAS on one thread meanwhile (process-wide), which moves the 7th digit.
+    let kl2 = two.stats.extra["distill_kl"].0;
+    assert!((kl2 - kl).abs() <= 1e-5 * kl.abs(), "KL {kl2} vs {kl}");
     // The added term is linear in its weight: soft cross-entropy = KL + teacher entropy.
     let (d1, d2) = (loss(&one) - loss(&plain), loss(&two) - loss(&plain));
     assert!(d1 > kl - 1e-4, "added {d1} below the KL {kl}");

@@ -44,8 +44,26 @@ pub fn qa_pairs(n: usize) -> Vec<QaPair> {
         .collect()
 }
 
+/// Every product of this test binary on one BLAS thread, for the whole process. The thread count
+/// is process-wide, and the training loop and the evaluations set it to one while they run
+/// micro-batches side by side: without this, one test's products would run on one thread or two
+/// depending on what another test was doing, and sgemm sums in a different order on each (the
+/// 7th digit moves), so runs compared bit for bit (resume against uninterrupted) could differ.
+/// Side by side still runs on as many workers as the BLAS had threads ([`workers`]).
+///
+/// [`workers`]: refrag::kernels::blas::threads::workers
+fn one_blas_thread() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Some((_, guard)) = refrag::kernels::blas::threads::one_thread() {
+            std::mem::forget(guard);
+        }
+    });
+}
+
 impl Fixture {
     pub fn new() -> Self {
+        one_blas_thread();
         let dir = tempfile::tempdir().unwrap();
         let f = Self { dir };
         refrag::testing::llama::write_tiny_llama(&f.path("dec"), 1).unwrap();
