@@ -103,6 +103,7 @@ fn micro_batch(batch: usize, asked: usize, workers: usize) -> usize {
 fn loop_config(
     t: &TrainArgs,
     rt: &RuntimeArgs,
+    dev: &Device,
     lr: f64,
     out_dir: PathBuf,
     resume: Option<TrainState>,
@@ -117,14 +118,7 @@ fn loop_config(
     }
     // The workers are CPU threads each running its products on one BLAS thread: on a GPU a
     // step's micro-batches stay as asked.
-    let on_cpu = match rt.device {
-        crate::cli::DeviceArg::Cpu => true,
-        crate::cli::DeviceArg::Auto => {
-            !candle_core::utils::cuda_is_available() && !candle_core::utils::metal_is_available()
-        }
-        _ => false,
-    };
-    let workers = if on_cpu {
+    let workers = if dev.is_cpu() {
         crate::kernels::blas::threads::workers()
     } else {
         1
@@ -431,7 +425,7 @@ pub fn run_cpt(a: &CptArgs, mode: CptMode) -> Result<()> {
     };
     enc.lr_scale = a.enc_lr.map_or(1.0, |e| e / lr);
     let mut task = CptTask::new(settings, enc, dec, data, &src.dec)?;
-    let cfg = loop_config(&a.train, &a.runtime, lr, out_dir, resume);
+    let cfg = loop_config(&a.train, &a.runtime, &dev, lr, out_dir, resume);
     finish(&mut task, &cfg)
 }
 
@@ -482,7 +476,7 @@ pub fn run_sft(a: &SftArgs) -> Result<()> {
         gold_expand: a.gold_expand,
         next,
     };
-    let cfg = loop_config(&a.train, &a.runtime, lr, q.out_dir, q.resume);
+    let cfg = loop_config(&a.train, &a.runtime, &q.dev, lr, q.out_dir, q.resume);
     finish(&mut task, &cfg)
 }
 
@@ -577,6 +571,7 @@ pub fn run_policy(a: &TrainPolicyArgs) -> Result<()> {
     let cfg = loop_config(
         &a.train,
         &a.runtime,
+        &q.dev,
         a.train.lr.unwrap_or(1e-4),
         q.out_dir,
         q.resume,
